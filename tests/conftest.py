@@ -1,0 +1,12 @@
+"""Test setup: 8 simulated CPU devices (set before JAX starts) and absl flags parsed once."""
+
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from absl import flags  # noqa: E402
+
+# Grain worker processes and ml_collections read absl flags; parse them once with defaults.
+if not flags.FLAGS.is_parsed():
+  flags.FLAGS.mark_as_parsed()
