@@ -1,0 +1,517 @@
+"""DINOv3 weights -> dd_jax: Meta .pth and Hugging Face safetensors to a torch-free Orbax folder.
+
+Converted format (what `config.model.backbone.weights` points at), a folder holding:
+  dinov3.json  {"format": "dd_jax.dinov3", "format_version": 1, "variant": "dinov3_vitl16" or
+               "custom", "config": {DinoV3Config fields}, "num_params": int, "source": str,
+               "notes": [str]}
+  params/      an Orbax PyTree checkpoint of nnx.to_pure_dict(nnx.state(DinoV3(config))), every
+               array float32, block indices as strings "0".."depth-1":
+               cls_token (1,1,D), storage_tokens (1,S,D), rope_periods (hd/4,),
+               patch_embed.proj.{kernel (p*p*3, D) rows in (kh, kw, c) order, bias},
+               blocks.i.{norm1,norm2}.{scale,bias}, blocks.i.attn.qkv.{kernel (D,3D), bias (3D,)
+               with the k third zero, absent without qkv bias}, blocks.i.attn.proj.{kernel,bias},
+               blocks.i.{ls1,ls2}.gamma, blocks.i.mlp.{fc1,fc2 | w1,w2,w3}.{kernel (in,out), bias},
+               norm.{scale,bias}.
+Key layouts read: SPEC.md §6 (Meta flat state_dict; HF DINOv3ViTModel, `model.layer.i`/`layer.i`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable
+
+import numpy as np
+
+from dd_jax.convert import torch_file
+from dd_jax.models import dinov3 as dinov3_model
+from dd_jax.models.dinov3 import DinoV3Config
+
+FORMAT = "dd_jax.dinov3"
+FORMAT_VERSION = 1
+CONFIG_FILE = "dinov3.json"
+PARAMS_DIR = "params"
+
+# Training-only Meta keys, dropped on purpose: mask_token replaces masked patches in iBOT
+# training; local_cls_norm (7B, SAT493M ViT-L) normalises local crops' class token in training.
+META_TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")
+HF_TRAINING_ONLY = ("embeddings.mask_token",)
+
+
+class ConversionError(ValueError):
+  """The weights do not fit a DINOv3 model; the message lists every problem found."""
+
+
+@dataclasses.dataclass
+class ConversionResult:
+  config: DinoV3Config
+  params: dict  # nested, np.float32, layout of nnx.to_pure_dict(nnx.state(DinoV3(config)))
+  variant: str  # a VARIANTS name or "custom"
+  layout: str  # "meta" or "hf"
+  notes: list[str]
+
+
+# ---------------------------------------------------------------------------------------------
+# Key tables: for each model variable, the source keys, their expected torch shapes, and how the
+# torch arrays combine into the JAX array.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Entry:
+  target: tuple  # path in the params tree
+  sources: list[tuple[str, tuple, bool]]  # (key, torch shape, required)
+  combine: Callable[..., np.ndarray]  # source arrays (None if optional and absent) -> array
+
+
+class _EntryProblem(Exception):
+  pass
+
+
+def _identity(a):
+  return a
+
+
+def _linear_kernel(w):
+  return w.T  # torch (out, in) -> (in, out)
+
+
+def _k_mask(dim: int) -> np.ndarray:
+  return np.concatenate([np.ones(dim), np.zeros(dim), np.ones(dim)]).astype(np.float32)
+
+
+def _table(c: DinoV3Config, layout: str, hf_layer_prefix: str = "layer.") -> list[_Entry]:
+  """The entries for `layout` 'meta' (SPEC.md §6 Meta keys) or 'hf' (DINOv3ViTModel keys)."""
+  d, h, p, hf = c.dim, c.ffn_hidden, c.patch_size, layout == "hf"
+
+  def simple(target, meta_key, hf_key, shape, combine=_identity):
+    return _Entry(target, [(hf_key if hf else meta_key, shape, True)], combine)
+
+  conv_kernel = lambda w: w.transpose(2, 3, 1, 0).reshape(p * p * 3, d)
+  default_periods = dinov3_model.default_rope_periods(c.head_dim, c.rope_base)
+  table = [
+      simple(("cls_token",), "cls_token", "embeddings.cls_token", (1, 1, d)),
+      simple(("storage_tokens",), "storage_tokens", "embeddings.register_tokens",
+             (1, c.num_storage_tokens, d)),
+      simple(("patch_embed", "proj", "kernel"), "patch_embed.proj.weight",
+             "embeddings.patch_embeddings.weight", (d, 3, p, p), conv_kernel),
+      simple(("patch_embed", "proj", "bias"), "patch_embed.proj.bias",
+             "embeddings.patch_embeddings.bias", (d,)),
+      # HF keeps no periods (inv_freq is a non-persistent buffer): it recomputes them in float32.
+      _Entry(("rope_periods",), [] if hf else [("rope_embed.periods", (c.head_dim // 4,), False)],
+             lambda x=None: default_periods if x is None else x),
+  ]
+  ffn_layers = ({"fc1": ("up_proj", (h, d)), "fc2": ("down_proj", (d, h))} if c.ffn == "mlp"
+                else {"w1": ("gate_proj", (h, d)), "w2": ("up_proj", (h, d)),
+                      "w3": ("down_proj", (d, h))})
+  for i in range(c.depth):
+    m, f, t = f"blocks.{i}.", f"{hf_layer_prefix}{i}.", ("blocks", i)
+    for norm in ("norm1", "norm2"):
+      for suffix, leaf in (("weight", "scale"), ("bias", "bias")):
+        table.append(simple(t + (norm, leaf), f"{m}{norm}.{suffix}", f"{f}{norm}.{suffix}", (d,)))
+    a = f + "attention."
+    if hf:
+      table.append(_Entry(t + ("attn", "qkv", "kernel"),
+                          [(a + f"{x}_proj.weight", (d, d), True) for x in "qkv"],
+                          lambda q, k, v: np.concatenate([q, k, v], axis=0).T))
+    else:
+      table.append(simple(t + ("attn", "qkv", "kernel"), m + "attn.qkv.weight", "", (3 * d, d),
+                          _linear_kernel))
+    if c.qkv_bias and hf:
+      table.append(_Entry(t + ("attn", "qkv", "bias"),
+                          [(a + "q_proj.bias", (d,), True), (a + "k_proj.bias", (d,), False),
+                           (a + "v_proj.bias", (d,), True)], _hf_qkv_bias(a + "k_proj.bias")))
+    elif c.qkv_bias:
+      table.append(_Entry(t + ("attn", "qkv", "bias"),
+                          [(m + "attn.qkv.bias", (3 * d,), True),
+                           (m + "attn.qkv.bias_mask", (3 * d,), False)],
+                          _masked_qkv_bias(d, m + "attn.qkv.bias_mask")))
+    table.append(simple(t + ("attn", "proj", "kernel"), m + "attn.proj.weight",
+                        a + "o_proj.weight", (d, d), _linear_kernel))
+    table.append(simple(t + ("attn", "proj", "bias"), m + "attn.proj.bias", a + "o_proj.bias",
+                        (d,)))
+    for ls, hf_ls in (("ls1", "layer_scale1"), ("ls2", "layer_scale2")):
+      table.append(simple(t + (ls, "gamma"), f"{m}{ls}.gamma", f"{f}{hf_ls}.lambda1", (d,)))
+    for name, (hf_name, shape) in ffn_layers.items():
+      table.append(simple(t + ("mlp", name, "kernel"), f"{m}mlp.{name}.weight",
+                          f"{f}mlp.{hf_name}.weight", shape, _linear_kernel))
+      table.append(simple(t + ("mlp", name, "bias"), f"{m}mlp.{name}.bias",
+                          f"{f}mlp.{hf_name}.bias", shape[:1]))
+  return table + [simple(("norm", "scale"), "norm.weight", "norm.weight", (d,)),
+                  simple(("norm", "bias"), "norm.bias", "norm.bias", (d,))]
+
+
+def _masked_qkv_bias(dim: int, mask_key: str):
+  """Meta's LinearKMaskedBias multiplies the bias by bias_mask; it must be [1, 0, 1] by thirds."""
+
+  def combine(bias, bias_mask):
+    expected = _k_mask(dim)
+    if bias_mask is not None and not np.array_equal(bias_mask, expected):
+      raise _EntryProblem(
+          f"{mask_key} is not ones/zeros/ones by thirds (zeros on the k part); got values "
+          f"{np.unique(bias_mask)[:5]} (NaN: the mask was never initialised)")
+    return bias * expected  # what the forward uses; the model masks the k third anyway
+
+  return combine
+
+
+def _hf_qkv_bias(k_key: str):
+
+  def combine(q, k, v):
+    if k is not None and np.any(k != 0):
+      raise _EntryProblem(f"{k_key} is non-zero, but DINOv3 masks the k bias (SPEC.md §2.1)")
+    return np.concatenate([q, np.zeros_like(q), v])
+
+  return combine
+
+
+def _apply_table(state_dict: dict[str, Any], table: list[_Entry], ignorable: tuple[str, ...],
+                 config: DinoV3Config, source: str, notes: list[str]) -> dict:
+  """Builds the params tree; raises ConversionError listing every missing, unexpected,
+  mis-shaped or invalid key."""
+  missing, mismatched, invalid = [], [], []
+  used = set()
+  flat = {}
+  for entry in table:
+    arrays, ok = [], True
+    for key, shape, required in entry.sources:
+      if key not in state_dict:
+        arrays.append(None)
+        if required:
+          missing.append(key)
+          ok = False
+        continue
+      used.add(key)
+      value = state_dict[key]
+      if not isinstance(value, np.ndarray):
+        invalid.append(f"{key}: a {type(value).__name__}, not an array")
+        ok = False
+      elif tuple(value.shape) != tuple(shape):
+        mismatched.append(f"{key}: {tuple(value.shape)}, expected {tuple(shape)}")
+        ok = False
+      else:
+        arrays.append(np.asarray(value, dtype=np.float32))
+    if not ok:
+      continue
+    try:
+      flat[entry.target] = np.ascontiguousarray(entry.combine(*arrays), dtype=np.float32)
+    except _EntryProblem as e:
+      invalid.append(str(e))
+  ignored = [k for k in ignorable if k in state_dict]
+  unexpected = [k for k in state_dict if k not in used and k not in ignorable]
+  problems = []
+  if missing:
+    problems.append(f"missing keys ({len(missing)}): " + ", ".join(missing))
+  if unexpected:
+    problems.append(f"unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+  if mismatched:
+    problems.append(f"shapes that do not match ({len(mismatched)}): " + "; ".join(mismatched))
+  if invalid:
+    problems.append("invalid values: " + "; ".join(invalid))
+  if problems:
+    raise ConversionError(
+        f"{source}: does not fit DINOv3 {dinov3_model.variant_name(config)} ({config}):\n  "
+        + "\n  ".join(problems))
+  if ignored:
+    notes.append("ignored training-only keys: " + ", ".join(ignored))
+  params: dict = {}
+  for path, value in flat.items():
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Architecture detection from shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def _first_shape(state_dict, keys):
+  for key in keys:
+    if key in state_dict and hasattr(state_dict[key], "shape"):
+      return tuple(state_dict[key].shape)
+  return None
+
+
+def _block_indices(state_dict, pattern: str) -> list[int]:
+  regex = re.compile(pattern)
+  return sorted({int(m.group(1)) for k in state_dict if (m := regex.match(k))})
+
+
+def _resolve_heads(fields: dict, head_dim: int | None, num_heads: int | None,
+                   source: str) -> DinoV3Config:
+  """Completes `fields` with num_heads from head_dim, the argument, or a unique variant match."""
+  dim = fields["dim"]
+  if num_heads is None and head_dim:
+    if dim % head_dim:
+      raise ConversionError(f"{source}: rope periods give head dim {head_dim}, which does not "
+                            f"divide dim {dim}")
+    num_heads = dim // head_dim
+  if num_heads is None:
+    matches = [c for c in dinov3_model.VARIANTS.values()
+               if all(getattr(c, k) == v for k, v in fields.items())]
+    if len(matches) != 1:
+      raise ConversionError(
+          f"{source}: cannot tell the number of heads from the shapes ({fields}, no rope periods "
+          f"or config.json); pass num_heads (--num-heads) or --variant")
+    num_heads = matches[0].num_heads
+  try:
+    return DinoV3Config(num_heads=num_heads, **fields)
+  except ValueError as e:
+    raise ConversionError(f"{source}: {e}") from None
+
+
+def _meta_config(sd: dict, num_heads: int | None, source: str) -> DinoV3Config:
+  dim_shape = _first_shape(sd, ["cls_token", "norm.weight", "patch_embed.proj.bias"])
+  patch = _first_shape(sd, ["patch_embed.proj.weight"])
+  blocks = _block_indices(sd, r"blocks\.(\d+)\.")
+  if dim_shape is None or not blocks:
+    raise ConversionError(f"{source}: cannot find the model width (cls_token / norm.weight) or any "
+                          f"blocks.N.* key; keys start: {sorted(sd)[:10]}")
+  swiglu = any(k.endswith(".mlp.w1.weight") for k in sd)
+  hidden = _first_shape(sd, [f"blocks.{i}.mlp.{'w1' if swiglu else 'fc1'}.weight" for i in blocks])
+  storage = _first_shape(sd, ["storage_tokens"])
+  periods = _first_shape(sd, ["rope_embed.periods"])
+  fields = dict(dim=dim_shape[-1], depth=max(blocks) + 1, ffn="swiglu" if swiglu else "mlp",
+                ffn_hidden=hidden[0] if hidden else 4 * dim_shape[-1],
+                qkv_bias=any(k.endswith(".attn.qkv.bias") for k in sd),
+                patch_size=patch[-1] if patch else 16,
+                num_storage_tokens=storage[1] if storage and len(storage) == 3 else 4)
+  head_dim = 4 * periods[0] if periods else None
+  return _resolve_heads(fields, head_dim, num_heads, source)
+
+
+def _hf_layer_prefix(sd: dict) -> str:
+  return "model.layer." if any(k.startswith("model.layer.") for k in sd) else "layer."
+
+
+def _hf_config(sd: dict, hf_json: dict | None, num_heads: int | None, source: str
+               ) -> DinoV3Config:
+  layer = _hf_layer_prefix(sd)
+  dim_shape = _first_shape(sd, ["embeddings.cls_token", "norm.weight"])
+  blocks = _block_indices(sd, re.escape(layer) + r"(\d+)\.")
+  if dim_shape is None or not blocks:
+    raise ConversionError(f"{source}: cannot find embeddings.cls_token / norm.weight or any "
+                          f"{layer}N.* key; keys start: {sorted(sd)[:10]}")
+  swiglu = any(k.endswith(".mlp.gate_proj.weight") for k in sd)
+  hidden = _first_shape(sd, [f"{layer}{i}.mlp.up_proj.weight" for i in blocks])
+  patch = _first_shape(sd, ["embeddings.patch_embeddings.weight"])
+  storage = _first_shape(sd, ["embeddings.register_tokens"])
+  fields = dict(dim=dim_shape[-1], depth=max(blocks) + 1, ffn="swiglu" if swiglu else "mlp",
+                ffn_hidden=hidden[0] if hidden else 4 * dim_shape[-1],
+                qkv_bias=any(k.endswith("attention.q_proj.bias") for k in sd),
+                patch_size=patch[-1] if patch else 16,
+                num_storage_tokens=storage[1] if storage and len(storage) == 3 else 4)
+  if hf_json:
+    if num_heads is None:
+      num_heads = hf_json.get("num_attention_heads")
+    fields["ln_eps"] = float(hf_json.get("layer_norm_eps", 1e-5))
+    fields["rope_base"] = float(hf_json.get("rope_theta", 100.0))
+  return _resolve_heads(fields, None, num_heads, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public conversion API
+# ---------------------------------------------------------------------------------------------
+
+
+def _strip_prefix(state_dict: dict, prefix: str) -> dict:
+  return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _check_variant(config: DinoV3Config, variant: str | None, source: str,
+                   try_convert: Callable[[DinoV3Config], Any]) -> DinoV3Config:
+  """With `variant`, insist the detected architecture is that variant; list every difference
+  (fields, then every key whose shape does not fit `variant`)."""
+  if variant is None:
+    return config
+  try:
+    wanted = dinov3_model.get_config(variant)
+  except ValueError as e:
+    raise ConversionError(str(e)) from None
+  diffs = [f"{f.name}: file {getattr(config, f.name)!r}, {variant} {getattr(wanted, f.name)!r}"
+           for f in dataclasses.fields(DinoV3Config)
+           if getattr(config, f.name) != getattr(wanted, f.name)]
+  if diffs:
+    try:
+      try_convert(wanted)
+      details = ""
+    except ConversionError as e:
+      details = "\n" + str(e)
+    raise ConversionError(f"{source}: the weights are not {variant} (detected "
+                          f"{dinov3_model.variant_name(config)}):\n  " + "\n  ".join(diffs)
+                          + details)
+  return wanted
+
+
+def meta_state_dict_to_params(state_dict: dict[str, Any], config: DinoV3Config | None = None, *,
+                              prefix: str = "", source: str = "state_dict",
+                              notes: list[str] | None = None) -> tuple[DinoV3Config, dict]:
+  """Meta-layout keys under `prefix` (others are left alone) -> (config, params tree).
+
+  `config` None detects the architecture from the shapes. Used by the Lightning converter with
+  prefix "backbone.backbone.model.".
+  """
+  sd = _strip_prefix(state_dict, prefix)
+  if config is None:
+    config = _meta_config(sd, None, source)
+  notes = [] if notes is None else notes
+  params = _apply_table(sd, _table(config, "meta"), META_TRAINING_ONLY, config, source, notes)
+  if "rope_embed.periods" not in sd:
+    notes.append("no rope_embed.periods: using float32 periods computed from rope_base")
+  if config.qkv_bias and not any(k.endswith("attn.qkv.bias_mask") for k in sd):
+    notes.append("no attn.qkv.bias_mask keys: k third of the qkv bias zeroed (the model masks it)")
+  elif config.qkv_bias:
+    notes.append("attn.qkv.bias_mask checked (zeros on the k third) and applied to the bias")
+  return config, params
+
+
+def hf_state_dict_to_params(state_dict: dict[str, Any], config: DinoV3Config | None = None, *,
+                            prefix: str = "", hf_json: dict | None = None,
+                            num_heads: int | None = None, source: str = "state_dict",
+                            notes: list[str] | None = None) -> tuple[DinoV3Config, dict]:
+  """HF DINOv3ViTModel keys under `prefix` -> (config, params tree); hf_json = its config.json."""
+  sd = _strip_prefix(state_dict, prefix)
+  if config is None:
+    config = _hf_config(sd, hf_json, num_heads, source)
+  notes = [] if notes is None else notes
+  params = _apply_table(sd, _table(config, "hf", _hf_layer_prefix(sd)), HF_TRAINING_ONLY, config,
+                        source, notes)
+  notes.append("HF weights carry no RoPE periods: using float32 periods computed from rope_theta "
+               "(what transformers does)")
+  return config, params
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str, dict | None]:
+  """(flat state_dict, layout 'meta'|'hf', HF config.json or None) of a Meta .pth, a
+  .safetensors file or an HF model folder."""
+  path = os.fspath(path)
+  state_dict, hf_json = torch_file.read_weights(path)
+  if any(k.endswith("patch_embed.proj.weight") for k in state_dict):
+    layout = "meta"
+  elif any(k.endswith("embeddings.patch_embeddings.weight") for k in state_dict):
+    layout = "hf"
+  else:
+    raise ConversionError(
+        f"{path}: neither a Meta DINOv3 state_dict (patch_embed.proj.weight) nor a Hugging Face "
+        f"DINOv3ViTModel (embeddings.patch_embeddings.weight); keys start: "
+        f"{sorted(state_dict)[:8]}")
+  if hf_json is not None and hf_json.get("model_type") != "dinov3_vit":
+    hf_json = None
+  return state_dict, layout, hf_json
+
+
+def convert_with_report(path: str | os.PathLike, variant: str | None = None, *,
+                        num_heads: int | None = None) -> ConversionResult:
+  """Reads and converts `path`; the architecture comes from the shapes (`variant` insists)."""
+  path = os.fspath(path)
+  state_dict, layout, hf_json = read_state_dict(path)
+  marker = "patch_embed.proj.weight" if layout == "meta" else "embeddings.patch_embeddings.weight"
+  prefix = next(k for k in state_dict if k.endswith(marker))[:-len(marker)]
+  unprefixed = [k for k in state_dict if not k.startswith(prefix)]
+  if unprefixed:
+    raise ConversionError(f"{path}: keys outside the model prefix {prefix!r}: "
+                          + ", ".join(unprefixed))
+  sd = _strip_prefix(state_dict, prefix)
+  notes = [f"keys prefixed {prefix!r}"] if prefix else []
+  if variant is not None and num_heads is None:
+    try:  # only used where the shapes cannot tell
+      num_heads = dinov3_model.get_config(variant).num_heads
+    except ValueError as e:
+      raise ConversionError(str(e)) from None
+  if layout == "meta":
+    to_params = lambda c: meta_state_dict_to_params(sd, c, source=path, notes=notes)
+    detected = _meta_config(sd, num_heads, path)
+  else:
+    to_params = lambda c: hf_state_dict_to_params(sd, c, source=path, notes=notes)
+    detected = _hf_config(sd, hf_json, num_heads, path)
+  config, params = to_params(_check_variant(detected, variant, path, to_params))
+  return ConversionResult(config, params, dinov3_model.variant_name(config), layout, notes)
+
+
+def convert(path: str | os.PathLike, variant: str | None = None, *,
+            num_heads: int | None = None) -> tuple[DinoV3Config, dict]:
+  """A Meta .pth / HF safetensors file or folder -> (config, params tree of np.float32)."""
+  result = convert_with_report(path, variant, num_heads=num_heads)
+  return result.config, result.params
+
+
+# ---------------------------------------------------------------------------------------------
+# The converted format
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_saved_tree(params: dict) -> dict:
+  return {str(k): _to_saved_tree(v) if isinstance(v, dict) else np.asarray(v, np.float32)
+          for k, v in params.items()}
+
+
+def _from_saved_tree(tree: dict, parent: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    key = int(key) if parent == "blocks" else key
+    out[key] = _from_saved_tree(value, str(key)) if isinstance(value, dict) else np.asarray(value)
+  return out
+
+
+def save_converted(out_dir: str | os.PathLike, config: DinoV3Config, params: dict, *,
+                   source: str = "", notes: list[str] | None = None) -> None:
+  """Writes `out_dir`/dinov3.json and `out_dir`/params (Orbax); replaces an earlier conversion."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  os.makedirs(out_dir, exist_ok=True)
+  tree = _to_saved_tree(params)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    checkpointer.save(os.path.join(out_dir, PARAMS_DIR), tree, force=True)
+  meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
+              variant=dinov3_model.variant_name(config), config=dataclasses.asdict(config),
+              num_params=param_count(params), source=str(source),
+              notes=list(notes or []))
+  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+    json.dump(meta, f, indent=2)
+
+
+def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
+  """Reads a save_converted folder -> (config, params tree of np.float32, int block keys)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  out_dir = os.path.abspath(os.fspath(out_dir))
+  meta_path = os.path.join(out_dir, CONFIG_FILE)
+  if not os.path.isfile(meta_path):
+    raise FileNotFoundError(f"{out_dir}: no {CONFIG_FILE}; convert weights with "
+                            f"tools/convert_dinov3.py first")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+    raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
+                     f"expected {FORMAT!r} v{FORMAT_VERSION}")
+  try:
+    config = DinoV3Config(**meta["config"])
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{meta_path}: bad config {meta.get('config')} ({e})") from None
+  params_path = os.path.join(out_dir, PARAMS_DIR)
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    structure = checkpointer.metadata(params_path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
+    tree = checkpointer.restore(params_path,
+                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
+  return config, _from_saved_tree(tree)
+
+
+def param_count(params: dict) -> int:
+  """Number of scalars in a params tree (rope periods included)."""
+  return int(sum(np.size(x) for x in _leaves(params)))
+
+
+def _leaves(tree):
+  if isinstance(tree, dict):
+    for value in tree.values():
+      yield from _leaves(value)
+  else:
+    yield tree

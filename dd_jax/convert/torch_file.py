@@ -1,0 +1,357 @@
+"""Torch-free readers for PyTorch `.pth`/`.ckpt` files and safetensors files, as numpy arrays.
+
+A `.pth` written by torch.save is a zip holding `<name>/data.pkl` (a pickle whose tensors point to
+storages by key) and `<name>/data/<key>` (raw little-endian storage bytes). The pickle is read with
+dd_jax.safe_pickle's allowlist, so a crafted file cannot run code and no torch is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import struct
+import zipfile
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from dd_jax import safe_pickle
+
+
+class TorchFileError(ValueError):
+  """A checkpoint file is malformed, truncated or uses a feature these readers do not support."""
+
+
+# torch.<X>Storage -> numpy dtype (the storage classes torch.save names in its pickles).
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+  """What the allowlist substitutes for torch.<X>Storage: only carries the dtype."""
+
+  def __init__(self, name: str, dtype):
+    self.name = name
+    self.dtype = np.dtype(dtype)
+
+
+def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, *_unused) -> np.ndarray:
+  """torch._utils._rebuild_tensor(_v2) on a flat numpy storage, bounds-checked.
+
+  as_strided would read outside the storage for a crafted size/stride, so the extent is
+  checked first.
+  """
+  size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
+  if len(size) != len(stride) or any(s < 0 for s in size + stride) or storage_offset < 0:
+    raise TorchFileError(f"invalid tensor layout size={size} stride={stride} "
+                         f"offset={storage_offset}")
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
+  last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= storage.size:
+    raise TorchFileError(f"tensor (size={size}, stride={stride}, offset={storage_offset}) reaches "
+                         f"element {last} of a storage of {storage.size} elements")
+  flat = storage[storage_offset:last + 1]
+  item = storage.dtype.itemsize
+  return np.lib.stride_tricks.as_strided(flat, size, tuple(s * item for s in stride),
+                                         writeable=False)
+
+
+def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, state=None):
+  del requires_grad, backward_hooks, state  # nn.Parameter -> its data
+  return data
+
+
+class _TensorType:
+  """Stands for torch.Tensor / nn.Parameter as the `new_type` of _rebuild_from_type_v2."""
+
+
+def _rebuild_from_type_v2(func, new_type, args, state):
+  del new_type, state  # `func` itself came through the allowlist
+  return func(*args)
+
+
+def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
+  # Protocol-2 pickles spell bytes (e.g. inside numpy arrays) as _codecs.encode(str, 'latin1').
+  if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
+    raise TorchFileError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+  return text.encode(encoding)
+
+
+TENSOR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): _TensorType,
+    ("torch.nn.parameter", "Parameter"): _TensorType,
+    ("_codecs", "encode"): _codecs_encode,
+    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+}
+
+
+# --- stub mode ---------------------------------------------------------------------------------
+
+
+class StubObject:
+  """Inert stand-in for a global outside the allowlist ("stub" mode): nothing of it runs.
+
+  `global_name` is the pickled "module.name"; `args`, `kwargs`, `state`, `items`, `list_items`
+  keep what the pickle passed to it (constructor arguments, __setstate__, dict/list contents).
+  """
+  global_name = "?"
+
+  def __new__(cls, *args, **kwargs):
+    obj = object.__new__(cls)
+    obj.args, obj.kwargs = args, kwargs
+    obj.state, obj.items, obj.list_items = None, {}, []
+    return obj
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    self.state = state
+
+  def __setitem__(self, key, value):
+    self.items[key] = value
+
+  def append(self, value):
+    self.list_items.append(value)
+
+  def extend(self, values):
+    self.list_items.extend(values)
+
+  def __repr__(self):
+    return f"<stub {self.global_name}>"
+
+
+class _StubAllowlist(dict):
+  """An allowlist that answers every other global with a fresh StubObject subclass."""
+
+  def __init__(self, allowed, stub_names: list[str]):
+    super().__init__(allowed)
+    self._stub_names = stub_names
+
+  def __missing__(self, key: tuple[str, str]):
+    name = f"{key[0]}.{key[1]}"
+    stub = type(f"Stub[{name}]", (StubObject,), {"global_name": name})
+    self[key] = stub
+    self._stub_names.append(name)
+    return stub
+
+
+# --- .pth / .ckpt ------------------------------------------------------------------------------
+
+
+def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype, numel: int
+                 ) -> np.ndarray:
+  """The storage `name` as a flat read-only array: a memory map when the entry is stored."""
+  try:
+    info = archive.getinfo(name)
+  except KeyError:
+    raise TorchFileError(f"storage entry {name!r} is missing from the archive") from None
+  nbytes = numel * dtype.itemsize
+  if info.file_size < nbytes:
+    raise TorchFileError(f"storage {name!r} holds {info.file_size} bytes, the pickle "
+                         f"needs {nbytes} ({numel} x {dtype})")
+  if info.compress_type == zipfile.ZIP_STORED:
+    with open(path, "rb") as f:
+      f.seek(info.header_offset)
+      header = f.read(30)
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+      raise TorchFileError(f"bad local header for {name!r} (truncated file?)")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    offset = info.header_offset + 30 + name_len + extra_len
+    if offset + nbytes > os.path.getsize(path):
+      raise TorchFileError(f"storage {name!r} runs past the end of the file (truncated?)")
+    if numel == 0:
+      return np.zeros((0,), dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(numel,))
+  data = archive.read(name)[:nbytes]
+  return np.frombuffer(data, dtype=dtype, count=numel)
+
+
+def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
+                    stub_names: list[str] | None = None) -> Any:
+  """Reads a zip-format torch.save file (.pth, Lightning .ckpt) without torch.
+
+  Tensors become numpy arrays (bf16 as ml_dtypes.bfloat16; read-only, memory-mapped from the file
+  where possible); nn.Parameters become their data. Globals outside the tensor/container allowlist:
+  unknown_globals="refuse" raises safe_pickle.UnsafePickleError naming the first one;
+  "stub" substitutes inert StubObject subclasses, records their names in `stub_names` (if given)
+  and logs them. Nothing from the file is ever executed.
+  """
+  path = os.fspath(path)
+  if unknown_globals not in ("refuse", "stub"):
+    raise ValueError(f"unknown_globals={unknown_globals!r}: expected 'refuse' or 'stub'")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file")
+  if not zipfile.is_zipfile(path):
+    with open(path, "rb") as f:
+      head = f.read(2)
+    hint = (" (a legacy pre-1.6 torch pickle: re-save it with torch.save to get the zip format)"
+            if head[:1] == b"\x80" else " (truncated, or not a torch.save file)")
+    raise TorchFileError(f"{path}: not a zip archive{hint}")
+  try:
+    archive = zipfile.ZipFile(path)
+  except (zipfile.BadZipFile, OSError) as e:
+    raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
+  with archive:
+    pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+    if len(pickles) != 1:
+      raise TorchFileError(f"{path}: expected one */data.pkl entry, found {pickles or 'none'}")
+    prefix = pickles[0][:-len("data.pkl")]
+    byteorder = "little"
+    if prefix + "byteorder" in archive.namelist():
+      byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
+      if byteorder not in ("little", "big"):
+        raise TorchFileError(f"{path}: unknown byteorder {byteorder!r}")
+    storages: dict[str, np.ndarray] = {}
+
+    def persistent_load(pid):
+      if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+        raise TorchFileError(f"unsupported persistent id {pid!r}")
+      _, storage_type, key, _location, numel = pid
+      if not isinstance(storage_type, _StorageType):
+        raise TorchFileError(f"storage {key!r} has unsupported type {storage_type!r}")
+      key = str(key)
+      if key not in storages:
+        dtype = storage_type.dtype.newbyteorder("<" if byteorder == "little" else ">")
+        array = _entry_array(path, archive, f"{prefix}data/{key}", dtype, int(numel))
+        if byteorder == "big":
+          array = array.astype(storage_type.dtype)
+        storages[key] = array
+      return storages[key]
+
+    allowed = {**safe_pickle.NUMPY_GLOBALS, **safe_pickle.CONTAINER_GLOBALS, **TENSOR_GLOBALS}
+    stubbed: list[str] = []
+    if unknown_globals == "stub":
+      allowed = _StubAllowlist(allowed, stubbed)
+    with archive.open(pickles[0]) as f:
+      try:
+        obj = safe_pickle.restricted_load(f, allowed, source=path, encoding="utf-8",
+                                          persistent_load=persistent_load)
+      except safe_pickle.UnsafePickleError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        if isinstance(e.__cause__, TorchFileError):  # a storage or tensor problem
+          raise TorchFileError(f"{path}: {e.__cause__}") from e
+        raise TorchFileError(str(e)) from e
+  if stubbed:
+    logging.info("%s: loaded %d global(s) as inert stubs: %s", path, len(stubbed),
+                 ", ".join(stubbed))
+    if stub_names is not None:
+      stub_names.extend(stubbed)
+  return obj
+
+
+# --- safetensors -------------------------------------------------------------------------------
+
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a .safetensors file (u64-LE header length, JSON header, raw LE bytes) as arrays.
+
+  Arrays are read-only memory maps of the file; every entry's extent is checked against the file.
+  """
+  path = os.fspath(path)
+  file_size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    raw_len = f.read(8)
+    if len(raw_len) < 8:
+      raise TorchFileError(f"{path}: too short for a safetensors file ({file_size} bytes)")
+    (header_len,) = struct.unpack("<Q", raw_len)
+    if 8 + header_len > file_size:
+      raise TorchFileError(f"{path}: header of {header_len} bytes runs past the end of the "
+                           f"{file_size}-byte file (truncated, or not safetensors)")
+    try:
+      header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+      raise TorchFileError(f"{path}: unreadable safetensors header ({e})") from e
+  if not isinstance(header, dict):
+    raise TorchFileError(f"{path}: safetensors header is not a JSON object")
+  data_start = 8 + header_len
+  arrays = {}
+  problems = []
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    try:
+      dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+      shape = tuple(int(s) for s in entry["shape"])
+      begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError) as e:
+      problems.append(f"{name}: bad entry {entry!r} ({type(e).__name__}: {e})")
+      continue
+    numel = math.prod(shape)
+    if end - begin != numel * dtype.itemsize or begin < 0:
+      problems.append(f"{name}: data_offsets {begin}..{end} do not hold {shape} x {dtype}")
+      continue
+    if data_start + end > file_size:
+      problems.append(f"{name}: data ends at byte {data_start + end}, past the end of the file "
+                      f"({file_size} bytes; truncated?)")
+      continue
+    if numel == 0:
+      arrays[name] = np.zeros(shape, dtype)
+    else:
+      arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin,
+                               shape=shape)
+  if problems:
+    raise TorchFileError(f"{path}: " + "; ".join(problems))
+  return arrays
+
+
+# --- any of them ---------------------------------------------------------------------------------
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict | None]:
+  """(flat dict of arrays, config.json beside the weights or None) of a torch.save file holding a
+  state_dict, a .safetensors file, or a folder of safetensors (sharded with an index, or not)."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+      with open(index) as f:
+        files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+      files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+      raise TorchFileError(f"{path}: folder holds no .safetensors files")
+    state_dict = {}
+    for name in files:
+      state_dict.update(read_safetensors(os.path.join(path, name)))
+    config_path = os.path.join(path, "config.json")
+  else:
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path}: no such file or folder")
+    with open(path, "rb") as f:
+      magic = f.read(2)
+    if magic == b"PK" or not path.endswith(".safetensors"):
+      state_dict = read_torch_file(path)
+      if not isinstance(state_dict, dict):
+        raise TorchFileError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict")
+    else:
+      state_dict = read_safetensors(path)
+    config_path = os.path.join(os.path.dirname(path), "config.json")
+  config = None
+  if os.path.isfile(config_path):
+    with open(config_path) as f:
+      try:
+        config = json.load(f)
+      except json.JSONDecodeError as e:
+        raise TorchFileError(f"{config_path}: not JSON ({e})") from e
+  return state_dict, config

@@ -1,0 +1,128 @@
+"""Online alignment of a base image onto a frame (SPEC.md §4), with OpenCV.
+
+Undistort both images with the trial's K, d; project the HaMeR keypoints with HaMeR's camera
+(focal K[0,0]/256*max(w,h), principal point at the image centre, translation cam_t); fit the
+homography taking the base's keypoints [0,1,5,17] onto the frame's (RANSAC, 3 px); warp the
+base (cubic, black border); crop both around the frame's keypoints [0,1,2,5,9,13,17].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+from dd_jax.data.egodorsal import ALIGN_KEYPOINTS, CROP_KEYPOINTS
+
+HAMER_IMAGE_SIZE = 256  # HaMeR's internal crop resolution, which its focal convention refers to
+CROP_MARGINS = (50, 101, 50, 51)  # left, right, top, bottom, as the released crop_by_points
+
+
+class AlignmentError(ValueError):
+  """The keypoints do not define a usable homography or crop."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+  homography: np.ndarray  # (3, 3) base pixels -> frame pixels (undistorted images)
+  box: tuple[int, int, int, int]  # x0, x1, y0, y1 of the crop in the frame
+  frame_keypoints: np.ndarray  # (21, 2) projected frame keypoints
+  base_keypoints: np.ndarray  # (21, 2) projected base keypoints
+
+
+def hamer_focal(K: np.ndarray, width: int, height: int) -> float:
+  return float(K[0, 0]) / HAMER_IMAGE_SIZE * max(width, height)
+
+
+def project_hamer(keypoints_3d: np.ndarray, cam_t: np.ndarray, focal: float, width: int,
+                  height: int) -> np.ndarray:
+  """(21, 3) camera-frame keypoints + cam_t -> (21, 2) pixels, principal point at the centre."""
+  p = np.asarray(keypoints_3d, np.float64) + np.asarray(cam_t, np.float64).reshape(3)
+  return focal * p[:, :2] / p[:, 2:3] + np.array([width / 2.0, height / 2.0])
+
+
+def base_homography(base_keypoints: np.ndarray, frame_keypoints: np.ndarray,
+                    align_keypoints=ALIGN_KEYPOINTS) -> np.ndarray:
+  """Homography (3, 3) taking base keypoints onto frame keypoints (RANSAC, 3 px)."""
+  src = np.asarray(base_keypoints, np.float64)[list(align_keypoints)]
+  dst = np.asarray(frame_keypoints, np.float64)[list(align_keypoints)]
+  if not (np.all(np.isfinite(src)) and np.all(np.isfinite(dst))):
+    raise AlignmentError("non-finite projected keypoints (a keypoint behind the camera?)")
+  H, _ = cv2.findHomography(src, dst, method=cv2.RANSAC, ransacReprojThreshold=3.0)
+  if H is None or not np.all(np.isfinite(H)):
+    raise AlignmentError("no homography from the base keypoints to the frame keypoints "
+                         "(degenerate keypoints)")
+  return H
+
+
+def crop_box(points: np.ndarray, width: int, height: int,
+             margins=CROP_MARGINS) -> tuple[int, int, int, int]:
+  """Crop (x0, x1, y0, y1) around `points` (N, 2) with the released code's margins, clipped."""
+  left, right, top, bottom = margins
+  x0 = int(np.floor(points[:, 0].min())) - left
+  x1 = int(np.ceil(points[:, 0].max())) + right
+  y0 = int(np.floor(points[:, 1].min())) - top
+  y1 = int(np.ceil(points[:, 1].max())) + bottom
+  x0, x1 = (int(v) for v in np.clip([x0, x1], 0, width))
+  y0, y1 = (int(v) for v in np.clip([y0, y1], 0, height))
+  if x1 <= x0 or y1 <= y0:
+    raise AlignmentError(f"the crop around the frame keypoints is empty (box x {x0}..{x1}, "
+                         f"y {y0}..{y1} in a {width}x{height} image)")
+  return x0, x1, y0, y1
+
+
+class Undistorter:
+  """cv2.undistort with the remap tables cached per (K, d, size): same output, less work."""
+
+  def __init__(self, max_entries: int = 16):
+    self._maps: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+    self._max_entries = max_entries
+
+  def __call__(self, image: np.ndarray, K: np.ndarray, d: np.ndarray) -> np.ndarray:
+    if not np.any(d):
+      return image
+    h, w = image.shape[:2]
+    key = (K.tobytes(), d.tobytes(), w, h)
+    maps = self._maps.get(key)
+    if maps is None:
+      if len(self._maps) >= self._max_entries:
+        self._maps.pop(next(iter(self._maps)))
+      maps = cv2.initUndistortRectifyMap(K, d, None, K, (w, h), cv2.CV_16SC2)
+      self._maps[key] = maps
+    return cv2.remap(image, maps[0], maps[1], cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+
+  def __getstate__(self):
+    return {"_maps": {}, "_max_entries": self._max_entries}
+
+
+def compute_alignment(K: np.ndarray, width: int, height: int, frame_kp3d: np.ndarray,
+                      frame_cam_t: np.ndarray, base_kp3d: np.ndarray, base_cam_t: np.ndarray
+                      ) -> Alignment:
+  """Homography and crop box for undistorted images of size width x height."""
+  focal = hamer_focal(K, width, height)
+  frame_kp = project_hamer(frame_kp3d, frame_cam_t, focal, width, height)
+  base_kp = project_hamer(base_kp3d, base_cam_t, focal, width, height)
+  H = base_homography(base_kp, frame_kp)
+  box = crop_box(frame_kp[list(CROP_KEYPOINTS)], width, height)
+  return Alignment(H, box, frame_kp, base_kp)
+
+
+def warp_base(base_image: np.ndarray, H: np.ndarray) -> np.ndarray:
+  """Base image warped into the frame (same size as the base, cubic, black border)."""
+  h, w = base_image.shape[:2]
+  return cv2.warpPerspective(base_image, H, (w, h), flags=cv2.INTER_CUBIC,
+                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def align_and_crop(frame_image: np.ndarray, base_image: np.ndarray, alignment: Alignment
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """(frame crop, aligned base crop) from undistorted full images."""
+  x0, x1, y0, y1 = alignment.box
+  H = alignment.homography
+  # Warping only the crop window: translate the homography's output by the crop origin.
+  shift = np.array([[1.0, 0.0, -x0], [0.0, 1.0, -y0], [0.0, 0.0, 1.0]])
+  base_crop = cv2.warpPerspective(base_image, shift @ H, (x1 - x0, y1 - y0),
+                                  flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_CONSTANT,
+                                  borderValue=0)
+  return frame_image[y0:y1, x0:x1], base_crop

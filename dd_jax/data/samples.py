@@ -1,0 +1,213 @@
+"""Pose and force samples (SPEC.md §4) as Grain transforms: read, augment, finalise.
+
+A sample travels through the pipeline as a dict: `ReadSample` turns a frame number into the
+decoded, cropped and aligned uint8 images plus the label arrays; `Augment` (train only) and
+`Finalize` make the model inputs. A frame whose content is bad raises FrameLoadError, or with
+skip_bad_frames becomes a masked sample (valid=False) that carries its error for the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import cv2
+import grain
+import numpy as np
+
+from dd_jax.data import align
+from dd_jax.data.egodorsal import MOTION_FINGERS, MOTION_LABELS, EgoDorsalIndex, Frame
+from dd_jax.data.store import FrameLoadError, Prior, decode_image
+from dd_jax.data.transforms import AugmentConfig, augment, to_model_input
+
+PADDING = -1  # frame number of an eval padding element
+ERROR_BYTES = 400  # room for a bad frame's message inside the sample (stripped from batches)
+
+
+class MotionTypeError(ValueError):
+  """A force trial's motion type has no label."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+  task: str  # "pose" | "force"
+  precropped: bool
+  random_base: bool
+  fsr_thresh: float
+  out_img_size: int
+  skip_bad_frames: bool
+
+
+def motion_label(trial) -> tuple[int, np.ndarray]:
+  """(tap class for a press, per-finger activation (5,)) of a force trial."""
+  if trial.motion_type not in MOTION_LABELS:
+    raise MotionTypeError(f"trial {trial.trial_id} (participant {trial.p_id}): unknown motion "
+                          f"type '{trial.motion_type}' (known: {sorted(MOTION_LABELS)})")
+  return MOTION_LABELS[trial.motion_type], np.asarray(MOTION_FINGERS[trial.motion_type],
+                                                      np.float32)
+
+
+def _require(prior: Prior, field: str, path_hint: str, frame_id: int):
+  value = getattr(prior, field)
+  if value is None:
+    raise FrameLoadError(frame_id, path_hint, f"the HaMeR dict has no '{field}'")
+  return value
+
+
+class SampleReader:
+  """frame number -> sample dict with uint8 crops (the expensive, random-access part)."""
+
+  def __init__(self, index: EgoDorsalIndex, frames: Sequence[Frame], store, options: SampleOptions):
+    self.index = index
+    self.frames = list(frames)
+    self.store = store
+    self.options = options
+    self._undistort = align.Undistorter()
+
+  def __len__(self) -> int:
+    return len(self.frames)
+
+  def read(self, number: int, rng: np.random.Generator | None) -> dict[str, Any]:
+    """The sample of self.frames[number]; `rng` picks the online base (None: per-frame seed)."""
+    if number == PADDING:
+      return self.placeholder(-1)
+    frame = self.frames[number]
+    try:
+      return self._read(frame, rng)
+    except (FrameLoadError, align.AlignmentError, cv2.error) as e:
+      if isinstance(e, align.AlignmentError):
+        e = FrameLoadError(frame.frame_id, frame.hamer_path or "<frame>", f"alignment: {e}")
+      elif isinstance(e, cv2.error):
+        e = FrameLoadError(frame.frame_id, frame.img_path or "<frame>",
+                           f"OpenCV failed on this frame: {e}")
+      if not self.options.skip_bad_frames:
+        raise e
+      return self.placeholder(frame.frame_id, str(e), self.index.trials[frame.trial_id].p_id)
+
+  def placeholder(self, frame_id: int, error: str = "", p_id: int = -1) -> dict[str, Any]:
+    """A masked sample (padding or a skipped bad frame): zero images, valid=False."""
+    sample = {"img": np.zeros((2, 2, 3), np.uint8), "base_img": np.zeros((2, 2, 3), np.uint8),
+              "hamer_pose": np.zeros(45, np.float32), "hamer_shape": np.zeros(10, np.float32),
+              "frame_id": np.int64(frame_id), "p_id": np.int32(p_id), "valid": np.bool_(False),
+              "load_error": _encode_error(error)}
+    if self.options.task == "pose":
+      sample["gt_pose"] = np.zeros(45, np.float32)
+    else:
+      sample.update(tap_label=np.int32(0), force=np.zeros(5, np.float32), fsr=np.float32(0))
+    return sample
+
+  def _read(self, frame: Frame, rng: np.random.Generator | None) -> dict[str, Any]:
+    trial = self.index.trials[frame.trial_id]
+    fid, store = frame.frame_id, self.store
+    if self.options.task == "force":
+      label, fingers = motion_label(trial)
+      if frame.fsr_reading is None:
+        raise FrameLoadError(fid, "<frames.json>", "force sample without 'fsr_reading'")
+    prior = store.frame_prior(frame)
+    hamer_pose = _require(prior, "hand_pose", frame.hamer_path, fid)
+
+    if self.options.precropped:
+      if frame.cropped_base_idx is None:
+        raise FrameLoadError(fid, "<frames.json>", "precropped mode needs 'cropped_base_idx'")
+      base_idx = frame.cropped_base_idx
+      base_prior = store.base_prior(trial.p_id, base_idx, fid)
+      img = decode_image(*store.frame_image(frame, "cropped_img"), fid)
+      base_img = decode_image(*store.frame_image(frame, "cropped_base"), fid)
+    else:
+      n_bases = len(self.index.bases.get(trial.p_id, []))
+      if n_bases == 0:
+        raise FrameLoadError(fid, "bases.json", f"participant {trial.p_id} has no base")
+      if self.options.random_base:
+        # Eval has no rng: a per-frame seed keeps its base choice fixed from run to run.
+        rng = rng if rng is not None else np.random.default_rng(fid)
+        base_idx = int(rng.integers(n_bases))
+      else:
+        base_idx = 0
+      base_prior = store.base_prior(trial.p_id, base_idx, fid)
+      img, base_img = self._align_online(frame, trial, base_idx, prior, base_prior)
+
+    shape = _require(base_prior, "betas", store.base_name(trial.p_id, base_idx), fid)
+    sample = {"img": img, "base_img": base_img, "hamer_pose": hamer_pose, "hamer_shape": shape,
+              "frame_id": np.int64(fid), "p_id": np.int32(trial.p_id), "valid": np.bool_(True),
+              "load_error": _encode_error("")}
+    if self.options.task == "pose":
+      sample["gt_pose"] = store.frame_ground_truth(frame)
+    else:
+      fsr = float(frame.fsr_reading)
+      sample["tap_label"] = np.int32(0 if fsr < self.options.fsr_thresh else label)
+      sample["force"] = (fsr * fingers).astype(np.float32)
+      sample["fsr"] = np.float32(fsr)
+    return sample
+
+  def _align_online(self, frame: Frame, trial, base_idx: int, prior: Prior, base_prior: Prior):
+    fid = frame.frame_id
+    img_bytes, img_path = self.store.frame_image(frame, "img")
+    base_bytes, base_path = self.store.base_image(trial.p_id, base_idx, fid)
+    img = self._undistort(decode_image(img_bytes, img_path, fid), trial.K, trial.d)
+    base_img = self._undistort(decode_image(base_bytes, base_path, fid), trial.K, trial.d)
+    h, w = img.shape[:2]
+    alignment = align.compute_alignment(
+        trial.K, w, h, _require(prior, "keypoints_3d", frame.hamer_path, fid),
+        _require(prior, "cam_t", frame.hamer_path, fid),
+        _require(base_prior, "keypoints_3d", self.store.base_name(trial.p_id, base_idx), fid),
+        _require(base_prior, "cam_t", self.store.base_name(trial.p_id, base_idx), fid))
+    return align.align_and_crop(img, base_img, alignment)
+
+
+def _encode_error(message: str) -> np.ndarray:
+  data = message.encode("utf-8", "replace")[:ERROR_BYTES]
+  return np.frombuffer(data.ljust(ERROR_BYTES, b"\0"), np.uint8).copy()
+
+
+def decode_error(row: np.ndarray) -> str:
+  return bytes(np.asarray(row, np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
+
+
+# ------------------------------------------------------------------ Grain transforms
+
+
+class ReadSample(grain.transforms.Map):
+  """Eval: frame number -> sample (online base choice seeded by the frame id)."""
+
+  def __init__(self, reader: SampleReader):
+    self.reader = reader
+
+  def map(self, number: int) -> dict[str, Any]:
+    return self.reader.read(int(number), None)
+
+
+class ReadSampleRandom(grain.transforms.RandomMap):
+  """Train: frame number -> sample, the online base drawn from the element's rng."""
+
+  def __init__(self, reader: SampleReader):
+    self.reader = reader
+
+  def random_map(self, number: int, rng: np.random.Generator) -> dict[str, Any]:
+    return self.reader.read(int(number), rng)
+
+
+class Augment(grain.transforms.RandomMap):
+  """Photometric augmentation drawn independently for the current and the base image."""
+
+  def __init__(self, config: AugmentConfig = AugmentConfig()):
+    self.config = config
+
+  def random_map(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    if not sample["valid"]:
+      return sample
+    return dict(sample, img=augment(sample["img"], rng, self.config),
+                base_img=augment(sample["base_img"], rng, self.config))
+
+
+class Finalize(grain.transforms.Map):
+  """Resize to out_img_size and normalise; masked samples get zero images."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def map(self, sample: dict[str, Any]) -> dict[str, Any]:
+    if not sample["valid"]:
+      zeros = np.zeros((self.size, self.size, 3), np.float32)
+      return dict(sample, img=zeros, base_img=zeros)
+    return dict(sample, img=to_model_input(sample["img"], self.size),
+                base_img=to_model_input(sample["base_img"], self.size))

@@ -1,0 +1,144 @@
+"""The pre-training check of an EgoDorsal dataset: every referenced file and field, one report.
+
+JSON and file existence only (content errors are caught when a frame is loaded). Each directory
+is listed once with os.scandir, so 170k frames take seconds. All problems are collected and
+raised together in one DatasetFormatError, each naming its frame and path.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import time
+
+from dd_jax.data import egodorsal
+from dd_jax.data.egodorsal import MOTION_LABELS, DatasetFormatError, Frame
+
+
+class _Listing:
+  """Directory contents, each directory listed once."""
+
+  def __init__(self):
+    self._dirs: dict[str, frozenset[str] | None] = {}
+
+  def exists(self, path: str) -> bool:
+    directory, name = os.path.split(path)
+    if directory not in self._dirs:
+      try:
+        with os.scandir(directory) as entries:
+          self._dirs[directory] = frozenset(e.name for e in entries)
+      except OSError:
+        self._dirs[directory] = None
+    names = self._dirs[directory]
+    return names is not None and name in names
+
+
+def _roles(data_config) -> list[str]:
+  roles = []
+  for key, default in (("train_split", "train"), ("val_split", "val"), ("test_split", "test")):
+    name = data_config.get(key, default)
+    if name and name not in roles:
+      roles.append(name)
+  return roles
+
+
+def validate_dataset(data_config, task: str = "pose", splits: list[str] | None = None) -> str:
+  """Checks the metadata and files the run will read; returns a one-line summary.
+
+  Raises DatasetFormatError listing every problem (frame ids and paths) when there is any.
+  `splits` defaults to the run's data.train_split, val_split and test_split.
+  """
+  start = time.perf_counter()
+  root = os.path.abspath(data_config.data_dir)
+  fmt = data_config.get("format", "folder")
+  precropped = bool(data_config.get("precropped", True))
+  problems: list[str] = []
+  if not os.path.isdir(root):
+    raise DatasetFormatError(f"EgoDorsal dataset {root}", [f"{root}: no such directory"])
+  index = egodorsal.load_index(root, problems)
+  problems += egodorsal.leave_one_out_problems(data_config, index)
+
+  selected: dict[str, list[Frame]] = {}
+  for split in splits or _roles(data_config):
+    split_name, participants = egodorsal.resolve_split(data_config, split, index)
+    before = len(problems)
+    frames = egodorsal.select_frames(index, split_name, participants,
+                                     float(data_config.get("sample_ratio", 1.0)), problems)
+    if not frames and len(problems) == before:
+      problems.append(f"split '{split}': selects no frame")
+    counts = collections.Counter(f.frame_id for f in frames)
+    problems += [f"split '{split}': frame {fid} appears {n} times" for fid, n in counts.items() if n > 1]
+    selected[split] = frames
+
+  frames = list({f.frame_id: f for fs in selected.values() for f in fs}.values())
+  problems += _frame_problems(index, frames, task, precropped)
+  if fmt == "folder":
+    problems += _file_problems(index, frames, task, precropped)
+  elif fmt == "array_record":
+    from dd_jax.data import array_record  # pylint: disable=g-import-not-at-top
+    problems += array_record.packed_problems(root, frames, task, precropped)
+  else:
+    problems.append(f"data.format must be 'folder' or 'array_record', got {fmt!r}")
+  egodorsal.check(f"EgoDorsal dataset {root} (task {task}, "
+                  f"{'precropped' if precropped else 'online alignment'}, format {fmt})", problems)
+  sizes = ", ".join(f"{k} {len(v)}" for k, v in selected.items())
+  return (f"validated EgoDorsal {root}: {len(frames)} frames ({sizes}), task {task}, "
+          f"{'precropped' if precropped else 'online'} mode, format {fmt}, "
+          f"in {time.perf_counter() - start:.2f} s")
+
+
+def _frame_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: str,
+                    precropped: bool) -> list[str]:
+  """Missing fields, base indices out of range, unusable motion types."""
+  problems = []
+  bad_trials = set()
+  for f in frames:
+    where = f"frame {f.frame_id} (trial {f.trial_id})"
+    needed = ["hamer_path"]
+    needed += ["cropped_img_path", "cropped_base_path", "cropped_base_idx"] if precropped \
+        else ["img_path"]
+    needed += ["ann_path"] if task == "pose" else ["fsr_reading"]
+    missing = [k for k in needed if getattr(f, k) is None]
+    if missing:
+      problems.append(f"{where}: missing {', '.join(missing)}")
+    n_bases = len(index.bases.get(f.p_id, []))
+    if precropped and f.cropped_base_idx is not None and not 0 <= f.cropped_base_idx < n_bases:
+      problems.append(f"{where}: cropped_base_idx {f.cropped_base_idx} but participant "
+                      f"{f.p_id} has {n_bases} base(s)")
+    trial = index.trials[f.trial_id]
+    if task == "force" and trial.motion_type not in MOTION_LABELS and f.trial_id not in bad_trials:
+      bad_trials.add(f.trial_id)
+      problems.append(f"trial {f.trial_id} (participant {f.p_id}): unknown motion type "
+                      f"'{trial.motion_type}' (known: {sorted(MOTION_LABELS)})")
+  return problems
+
+
+def _file_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: str,
+                   precropped: bool) -> list[str]:
+  listing = _Listing()
+  problems = []
+  fields = ["hamer_path"] + (["cropped_img_path", "cropped_base_path"] if precropped
+                             else ["img_path"]) + (["ann_path"] if task == "pose" else [])
+  participants = set()
+  for f in frames:
+    participants.add(f.p_id)
+    for field in fields:
+      path = getattr(f, field)
+      if path is not None and not listing.exists(path):
+        problems.append(f"frame {f.frame_id}: {field} {path} not found")
+  for p_id in sorted(participants):
+    bases = index.bases.get(p_id, [])
+    # Precropped frames use only their own base's HaMeR file; online mode may pick any base.
+    used = sorted({f.cropped_base_idx for f in frames if f.p_id == p_id
+                   and f.cropped_base_idx is not None}) if precropped else range(len(bases))
+    for i in used:
+      if not 0 <= i < len(bases):
+        continue
+      base = bases[i]
+      paths = [("hamer_path", base.hamer_path)] + ([] if precropped else
+                                                     [("img_path", base.img_path)])
+      for field, path in paths:
+        if not listing.exists(path):
+          problems.append(f"participant {p_id} base {base.base_id} (#{i}): {field} {path} "
+                          "not found")
+  return problems

@@ -1,0 +1,148 @@
+"""Default settings of the pose and force models (the original's), and the presets.
+
+configs/pose.py and configs/force.py expose these to `--config`; tests build configs from here.
+"""
+
+import ml_collections
+
+DELTADORSAL_TIP_IDS = (743, 333, 443, 554, 671)
+
+
+def base_config(task: str) -> ml_collections.ConfigDict:
+  """Settings shared by the pose and force configs (the original's defaults)."""
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 42
+  c.train = True
+  c.test = True
+  c.ckpt_path = ""  # resume from (train=True) or evaluate (train=False) this checkpoint
+  c.max_epochs = 10
+  c.min_epochs = 1
+  c.early_stopping_patience = 0  # epochs without improvement of the best metric; 0 = off
+  c.log_every_steps = 20
+  c.checkpoint_every_steps = 200  # mid-epoch saves for resuming (0 = epoch ends only)
+  c.num_val_pictures = 4
+
+  c.data = ml_collections.ConfigDict()
+  c.data.data_dir = "_DATA/egodorsal"
+  c.data.format = "folder"  # or "array_record" (tools/pack_array_record.py)
+  c.data.precropped = True  # False: online alignment from full frames (undistort + homography)
+  c.data.train_split = "train"
+  c.data.val_split = "val"
+  c.data.test_split = "test"
+  c.data.all_participant_ids = ()  # empty: the split files decide
+  c.data.leave_one_out = False  # train = all participants - val - test
+  c.data.val_participants = ()
+  c.data.test_participants = ()
+  c.data.sample_ratio = 1.0
+  c.data.out_img_size = 384
+  c.data.batch_size = 96  # GLOBAL batch, split over processes and devices
+  c.data.eval_batch_size = 96
+  c.data.num_workers = 4  # Grain worker processes per host (0 = in-process)
+  c.data.augment = True  # train split only; val/test never augment
+  c.data.random_base = True  # online mode: random base per sample (else the first)
+  c.data.skip_bad_frames = False
+  c.data.fsr_thresh = 0.2
+  c.data.validate = True  # check every referenced file before training
+  c.data.synthetic = ml_collections.ConfigDict()
+  c.data.synthetic.enabled = False  # generate a synthetic EgoDorsal set into data_dir if missing
+  c.data.synthetic.participants = 8
+  c.data.synthetic.trials = 3
+  c.data.synthetic.frames = 20
+  c.data.synthetic.image_size = 256
+  c.data.synthetic.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.backbone = ml_collections.ConfigDict()
+  c.model.backbone.variant = "dinov3_vitl16"
+  c.model.backbone.custom = ml_collections.ConfigDict()  # dim/depth/num_heads/... overrides
+  c.model.backbone.weights = ""  # converted checkpoint (tools/convert_dinov3.py); "" = random init
+  c.model.backbone.n_unfrozen_blocks = 3
+  c.model.backbone.dtype = "bfloat16"  # compute dtype; params stay float32
+  c.model.change = ml_collections.ConfigDict()
+  c.model.change.out_dim = 256
+  c.model.change.use_delta = True
+  c.model.change.use_orig_feat = True
+
+  c.mano = ml_collections.ConfigDict()
+  c.mano.path = ""  # MANO_RIGHT.pkl; "" = the synthetic MANO-format hand (tests, demo)
+  c.mano.tip_ids = DELTADORSAL_TIP_IDS
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.weight_decay = 1e-2
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.clip_norm = 1.0
+  c.optimizer.plateau_factor = 0.1
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.fsdp = False  # also shard parameters over the data axis (vith16plus / vit7b16)
+  return c
+
+
+def pose_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The pose model's settings; `arg` names a preset (demo, or a backbone variant)."""
+  c = base_config("pose")
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.use_prior = False
+  c.model.head.use_film = False
+  c.model.head.gated = False
+  c.model.head.pool = "avg"  # or "attn"
+  c.model.head.hidden = 512
+  c.loss = ml_collections.ConfigDict()
+  c.loss.keypoint_weight = 0.05
+  c.loss.pose_weight = 0.001
+  c.optimizer.lr = 1e-3
+  c.optimizer.plateau_patience = 5
+  c.best_metric = "val/mpjpe"
+  c.best_mode = "min"
+  return apply_preset(c, arg)
+
+
+def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  if not arg:
+    return c
+  if arg == "demo":
+    c.data.data_dir = "_cache/synthetic_egodorsal"
+    c.data.synthetic.enabled = True
+    c.data.out_img_size = 64
+    c.data.batch_size = 16
+    c.data.eval_batch_size = 32
+    c.data.num_workers = 0
+    c.model.backbone.variant = "custom"
+    c.model.backbone.custom.update(dict(dim=96, depth=4, num_heads=4, ffn="mlp",
+                                        ffn_hidden=384, qkv_bias=True))
+    c.model.backbone.n_unfrozen_blocks = 4
+    c.model.backbone.dtype = "float32"
+    c.model.change.out_dim = 64
+    c.max_epochs = 20
+    if c.task == "pose":
+      c.model.head.use_prior = True  # the residual head starts AT the prior: beating it is learning
+    return c
+  c.model.backbone.variant = arg if arg.startswith("dinov3_") else f"dinov3_{arg}"
+  return c
+
+
+def force_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The force model's settings; `arg` names a preset (demo, or a backbone variant)."""
+  c = base_config("force")
+  c.max_epochs = 30
+  c.model.backbone.n_unfrozen_blocks = 0
+  c.model.change.use_orig_feat = False
+  c.model.head = ml_collections.ConfigDict()
+  c.model.head.n_classes = 7
+  c.model.head.out_dim = 1
+  c.model.head.hidden = 512
+  c.model.head.pool = "avg"
+  c.loss = ml_collections.ConfigDict()
+  c.loss.class_counts = (30714, 1860, 1860, 1860, 1860, 1860, 1860)
+  c.optimizer.lr = 5e-4
+  c.optimizer.plateau_patience = 10
+  c.best_metric = "val/acc"
+  c.best_mode = "max"
+  c = apply_preset(c, arg)
+  if arg == "demo":
+    c.model.backbone.n_unfrozen_blocks = 4  # a from-scratch backbone must learn
+    c.max_epochs = 8
+  return c

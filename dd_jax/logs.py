@@ -1,0 +1,88 @@
+"""What a run shows: console progress, metrics.jsonl, TensorBoard events and PNG pictures.
+
+Only process 0 writes; the other processes get a writer that does nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import cv2
+import jax
+import numpy as np
+from absl import logging
+
+
+class MetricWriter:
+  """Scalars to metrics.jsonl and TensorBoard; images to PNG files and TensorBoard."""
+
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
+    self.workdir = workdir
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    values = {k: float(v) for k, v in values.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    self._jsonl.flush()
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, step)
+
+  def image(self, step: int, name: str, rgb: np.ndarray) -> str | None:
+    """Writes an (H, W, 3) uint8 RGB picture as workdir/pictures/NAME_stepN.png and to TensorBoard."""
+    if not self.enabled:
+      return None
+    folder = os.path.join(self.workdir, "pictures")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{name.replace('/', '_')}_step{step}.png")
+    cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    self._tb.add_image(name, rgb, step, dataformats="HWC")
+    return path
+
+  def text(self, name: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(name, text)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class Progress:
+  """Console lines with loss, steps/s and the ETA of the current epoch."""
+
+  def __init__(self, total_steps: int, epoch: int, max_epochs: int):
+    self.total = total_steps
+    self.epoch = epoch
+    self.max_epochs = max_epochs
+    self.start = time.perf_counter()
+    self.done = 0
+
+  def update(self, steps_done: int, values: dict[str, float]) -> float:
+    self.done = steps_done
+    elapsed = time.perf_counter() - self.start
+    rate = steps_done / max(elapsed, 1e-9)
+    eta = (self.total - steps_done) / max(rate, 1e-9)
+    shown = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
+    logging.info("epoch %d/%d  step %d/%d  %s  %.2f steps/s  ETA %s", self.epoch + 1,
+                 self.max_epochs, steps_done, self.total, shown, rate, _duration(eta))
+    return rate
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(seconds)
+  return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,439 @@
+"""DINOv3 ViT backbone (Meta's seven released sizes and custom ones) in Flax NNX.
+
+Computes what Meta's `DinoVisionTransformer` computes in eval mode (SPEC.md §2.1): patch features
+after the final LayerNorm, with the class and storage tokens available on request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+FFN_KINDS = ("mlp", "swiglu")
+
+
+@dataclasses.dataclass(frozen=True)
+class DinoV3Config:
+  """Architecture of a DINOv3 ViT. `ffn_hidden` is the resolved hidden width of the FFN."""
+  dim: int
+  depth: int
+  num_heads: int
+  ffn: str  # 'mlp' (fc2(gelu(fc1 x))) or 'swiglu' (w3(silu(w1 x) * w2 x))
+  ffn_hidden: int
+  qkv_bias: bool  # the k third of the bias is always masked to zero when present
+  patch_size: int = 16
+  num_storage_tokens: int = 4
+  ln_eps: float = 1e-5
+  rope_base: float = 100.0
+
+  def __post_init__(self):
+    problems = []
+    if self.ffn not in FFN_KINDS:
+      problems.append(f"ffn={self.ffn!r} is not one of {FFN_KINDS}")
+    for name in ("dim", "depth", "num_heads", "ffn_hidden", "patch_size"):
+      if int(getattr(self, name)) <= 0:
+        problems.append(f"{name}={getattr(self, name)} must be positive")
+    if self.num_storage_tokens < 0:
+      problems.append(f"num_storage_tokens={self.num_storage_tokens} must be >= 0")
+    if not problems and self.dim % self.num_heads:
+      problems.append(f"dim={self.dim} is not divisible by num_heads={self.num_heads}")
+    elif not problems and (self.dim // self.num_heads) % 4:
+      # RoPE splits each head into 4 groups (y/x, cos/sin halves).
+      problems.append(f"head dim {self.dim // self.num_heads} is not a multiple of 4")
+    if problems:
+      raise ValueError("invalid DinoV3Config: " + "; ".join(problems))
+
+  @property
+  def head_dim(self) -> int:
+    return self.dim // self.num_heads
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1 + self.num_storage_tokens
+
+
+def swiglu_hidden(dim: int, ratio: float, align: int = 8) -> int:
+  """Meta's SwiGLU width: h = int(dim*ratio), d = int(2h/3), rounded up to a multiple of align."""
+  d = int(int(dim * ratio) * 2 / 3)
+  return d + (-d % align)
+
+
+VARIANTS: dict[str, DinoV3Config] = {
+    "dinov3_vits16": DinoV3Config(384, 12, 6, "mlp", 1536, True),
+    "dinov3_vits16plus": DinoV3Config(384, 12, 6, "swiglu", swiglu_hidden(384, 6), True),
+    "dinov3_vitb16": DinoV3Config(768, 12, 12, "mlp", 3072, True),
+    "dinov3_vitl16": DinoV3Config(1024, 24, 16, "mlp", 4096, True),
+    "dinov3_vitl16plus": DinoV3Config(1024, 24, 16, "swiglu", swiglu_hidden(1024, 6), True),
+    "dinov3_vith16plus": DinoV3Config(1280, 32, 20, "swiglu", swiglu_hidden(1280, 6), True),
+    "dinov3_vit7b16": DinoV3Config(4096, 40, 32, "swiglu", swiglu_hidden(4096, 3, 64), False),
+}
+
+
+def get_config(variant: str, **custom: Any) -> DinoV3Config:
+  """The config of a named variant ('dinov3_vitl16' or 'vitl16'), with `custom` field overrides.
+
+  variant 'custom' builds one from the keyword fields alone: dim, depth, num_heads, ffn, qkv_bias,
+  and ffn_hidden or (ffn_ratio [4], ffn_align [8]) to derive it.
+  """
+  custom = dict(custom)
+  ffn_ratio = custom.pop("ffn_ratio", None)
+  ffn_align = custom.pop("ffn_align", 8)
+  if variant == "custom":
+    required = {"dim", "depth", "num_heads"}
+    missing = sorted(required - set(custom))
+    if missing:
+      raise ValueError(f"custom DINOv3 backbone: missing fields {missing} (given {sorted(custom)})")
+    custom.setdefault("ffn", "mlp")
+    custom.setdefault("qkv_bias", True)
+    if "ffn_hidden" not in custom:
+      ratio = 4.0 if ffn_ratio is None else ffn_ratio
+      custom["ffn_hidden"] = (int(custom["dim"] * ratio) if custom["ffn"] == "mlp"
+                              else swiglu_hidden(custom["dim"], ratio, ffn_align))
+    fields = {f.name for f in dataclasses.fields(DinoV3Config)}
+    unknown = sorted(set(custom) - fields)
+    if unknown:
+      raise ValueError(f"custom DINOv3 backbone: unknown fields {unknown}; known: {sorted(fields)}")
+    return DinoV3Config(**custom)
+  name = variant if variant.startswith("dinov3_") else f"dinov3_{variant}"
+  if name not in VARIANTS:
+    raise ValueError(f"unknown DINOv3 variant {variant!r}; known: {sorted(VARIANTS)} or 'custom'")
+  if ffn_ratio is not None:
+    raise ValueError("ffn_ratio only applies to variant 'custom'; override ffn_hidden instead")
+  try:
+    return dataclasses.replace(VARIANTS[name], **custom)
+  except TypeError as e:
+    raise ValueError(f"DINOv3 variant {name}: bad overrides {sorted(custom)} ({e})") from None
+
+
+def variant_name(config: DinoV3Config) -> str:
+  """The VARIANTS name equal to `config`, or 'custom'."""
+  for name, known in VARIANTS.items():
+    if known == config:
+      return name
+  return "custom"
+
+
+def default_rope_periods(head_dim: int, base: float = 100.0) -> np.ndarray:
+  """periods[j] = base ** (4j / head_dim), j < head_dim/4, computed in float32 as Meta does."""
+  exponent = 2 * np.arange(head_dim // 4, dtype=np.float32) / np.float32(head_dim // 2)
+  return (np.float32(base) ** exponent).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+
+class RopePeriods(nnx.Variable):
+  """RoPE periods (head_dim/4,): a buffer from the checkpoint, never trained (not an nnx.Param)."""
+
+
+_weight_init = nnx.initializers.truncated_normal(stddev=0.02)
+
+
+def _linear(in_features: int, out_features: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    param_dtype=jnp.float32, kernel_init=_weight_init,
+                    bias_init=nnx.initializers.zeros_init(), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """PyTorch LayerNorm (biased variance, eps inside the sqrt); statistics always in float32."""
+
+  def __init__(self, dim: int, eps: float, *, out_dtype=jnp.float32):
+    self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.eps = eps
+    self.out_dtype = out_dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    centred = x - mean
+    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
+    y = centred * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
+    return y.astype(self.out_dtype)
+
+
+class LayerScale(nnx.Module):
+  """Per-channel gamma; returns float32 so the residual stream stays float32 under bf16."""
+
+  def __init__(self, dim: int, init_value: float = 1e-5):
+    self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x.astype(jnp.float32) * self.gamma[...]
+
+
+class PatchEmbed(nnx.Module):
+  """The 16x16 stride-16 conv as reshape + matmul.
+
+  `proj.kernel` is (p*p*3, D) with rows in (kh, kw, c) order: torch's conv weight (D, 3, p, p)
+  maps to it as weight.transpose(2, 3, 1, 0).reshape(p*p*3, D).
+  """
+
+  def __init__(self, patch_size: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.patch_size = patch_size
+    fan_in = 3 * patch_size * patch_size
+    # Meta's PatchEmbed.reset_parameters: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias.
+    bound = 1.0 / math.sqrt(fan_in)
+    uniform = lambda key, shape, dt: jax.random.uniform(key, shape, dt, -bound, bound)
+    self.proj = nnx.Linear(fan_in, dim, dtype=dtype, param_dtype=jnp.float32,
+                           kernel_init=uniform, bias_init=uniform, rngs=rngs)
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """images (B, H, W, 3) -> tokens (B, H/p * W/p, D), row-major patch order."""
+    b, height, width, channels = images.shape
+    p = self.patch_size
+    h, w = height // p, width // p
+    x = images.reshape(b, h, p, w, p, channels).transpose(0, 1, 3, 2, 4, 5)
+    return self.proj(x.reshape(b, h * w, p * p * channels))
+
+
+class QKVProjection(nnx.Module):
+  """Fused q|k|v projection (rows head-major within each third); the k bias is masked to zero.
+
+  Meta multiplies the bias by a [1, 0, 1] mask (LinearKMaskedBias); doing the same here keeps
+  the k bias out of the output and its gradient at zero when the block is trained.
+  """
+
+  def __init__(self, dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_weight_init(rngs.params(), (dim, 3 * dim), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((3 * dim,), jnp.float32)) if use_bias else None
+    self.dim = dim
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum("btd,de->bte", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      mask = np.concatenate([np.ones(self.dim), np.zeros(self.dim), np.ones(self.dim)])
+      y = y + (self.bias[...] * mask.astype(np.float32)).astype(self.dtype)
+    return y
+
+
+def rope_cos_sin(periods: jax.Array, h: int, w: int, num_prefix_tokens: int
+                 ) -> tuple[jax.Array, jax.Array]:
+  """cos, sin (T, head_dim) float32 for [prefix tokens, h*w patches].
+
+  Patch (i, j) has y = 2(i+0.5)/h - 1, x = 2(j+0.5)/w - 1; angles = 2pi [y/periods, x/periods],
+  tiled twice. Prefix tokens get cos 1, sin 0: rotating them is then exactly the identity.
+  """
+  periods = periods.astype(jnp.float32)
+  ys = 2.0 * (jnp.arange(h, dtype=jnp.float32) + 0.5) / h - 1.0
+  xs = 2.0 * (jnp.arange(w, dtype=jnp.float32) + 0.5) / w - 1.0
+  coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(h * w, 2)
+  angles = 2.0 * jnp.pi * coords[:, :, None] / periods[None, None, :]  # (hw, 2, hd/4)
+  angles = jnp.tile(angles.reshape(h * w, -1), (1, 2))  # (hw, hd)
+  head_dim = angles.shape[-1]
+  cos = jnp.concatenate([jnp.ones((num_prefix_tokens, head_dim), jnp.float32), jnp.cos(angles)])
+  sin = jnp.concatenate([jnp.zeros((num_prefix_tokens, head_dim), jnp.float32), jnp.sin(angles)])
+  return cos, sin
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """x (B, T, N, hd) -> x*cos + rotate_half(x)*sin in float32, rotate_half = [-x2, x1] halves."""
+  x32 = x.astype(jnp.float32)
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, config: DinoV3Config, *, dtype, attention_implementation: str | None,
+               rngs: nnx.Rngs):
+    self.num_heads = config.num_heads
+    self.qkv = QKVProjection(config.dim, use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+    self.proj = _linear(config.dim, config.dim, use_bias=True, dtype=dtype, rngs=rngs)
+    self.attention_implementation = attention_implementation
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    b, t, d = x.shape
+    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
+    q = apply_rope(qkv[:, :, 0], cos, sin)
+    k = apply_rope(qkv[:, :, 1], cos, sin)
+    # Logits and softmax are float32 inside dot_product_attention for bf16 inputs too.
+    out = jax.nn.dot_product_attention(q, k, qkv[:, :, 2],
+                                       implementation=self.attention_implementation)
+    return self.proj(out.reshape(b, t, d))
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden, use_bias=True, dtype=dtype, rngs=rngs)
+    self.fc2 = _linear(hidden, dim, use_bias=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact erf, as torch
+
+
+class SwiGLU(nnx.Module):
+  """w3(silu(w1 x) * w2 x): w1 gate, w2 up, w3 down (Meta's names)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.w1 = _linear(dim, hidden, use_bias=True, dtype=dtype, rngs=rngs)
+    self.w2 = _linear(dim, hidden, use_bias=True, dtype=dtype, rngs=rngs)
+    self.w3 = _linear(hidden, dim, use_bias=True, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
+
+
+class Block(nnx.Module):
+  """Pre-norm block: x += ls1 * attn(norm1 x); x += ls2 * ffn(norm2 x). x stays float32."""
+
+  def __init__(self, config: DinoV3Config, *, dtype, attention_implementation: str | None,
+               rngs: nnx.Rngs):
+    self.norm1 = LayerNorm(config.dim, config.ln_eps, out_dtype=dtype)
+    self.attn = Attention(config, dtype=dtype, attention_implementation=attention_implementation,
+                          rngs=rngs)
+    self.ls1 = LayerScale(config.dim)
+    self.norm2 = LayerNorm(config.dim, config.ln_eps, out_dtype=dtype)
+    ffn = Mlp if config.ffn == "mlp" else SwiGLU
+    self.mlp = ffn(config.dim, config.ffn_hidden, dtype=dtype, rngs=rngs)
+    self.ls2 = LayerScale(config.dim)
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    x = x + self.ls1(self.attn(self.norm1(x), cos, sin))
+    return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The backbone
+# ---------------------------------------------------------------------------------------------
+
+
+class DinoV3(nnx.Module):
+  """DINOv3 ViT. Params are float32; `dtype` is the compute dtype of the matmuls.
+
+  LayerNorm statistics, RoPE, softmax and the residual stream are float32 whatever `dtype` is.
+  `attention_implementation` goes to jax.nn.dot_product_attention (None/'xla', or 'cudnn').
+  """
+
+  def __init__(self, config: DinoV3Config, *, dtype=jnp.float32,
+               attention_implementation: str | None = None, rngs: nnx.Rngs):
+    self.config = config
+    self.dtype = dtype
+    d = config.dim
+    self.patch_embed = PatchEmbed(config.patch_size, d, dtype=dtype, rngs=rngs)
+    self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d), jnp.float32))
+    self.storage_tokens = nnx.Param(
+        0.02 * jax.random.normal(rngs.params(), (1, config.num_storage_tokens, d), jnp.float32))
+    self.rope_periods = RopePeriods(
+        jnp.asarray(default_rope_periods(config.head_dim, config.rope_base)))
+    self.blocks = nnx.List([
+        Block(config, dtype=dtype, attention_implementation=attention_implementation, rngs=rngs)
+        for _ in range(config.depth)])
+    self.norm = LayerNorm(d, config.ln_eps, out_dtype=jnp.float32)
+
+  def __call__(self, images: jax.Array, *, return_extras: bool = False
+               ) -> jax.Array | dict[str, Any]:
+    """images (B, H, W, 3) NHWC, H and W multiples of the patch size.
+
+    Returns the final-normed patch features (B, H/p, W/p, D) float32; with return_extras a dict
+    {"patch": that, "cls": (B, D), "storage": (B, S, D) (both final-normed), "blocks": a list of
+    every block's raw output (B, 1+S+hw, D) float32, before the final norm (apply `self.norm`
+    for DINOv3's get_intermediate_layers(norm=True))}.
+    """
+    b, height, width, channels = images.shape
+    p = self.config.patch_size
+    if height % p or width % p or channels != 3:
+      raise ValueError(f"DinoV3 input of shape {images.shape}: expected (B, H, W, 3) with H and W "
+                       f"multiples of the patch size {p}")
+    h, w = height // p, width // p
+    patches = self.patch_embed(images).astype(jnp.float32)
+    d = self.config.dim
+    prefix = jnp.concatenate([self.cls_token[...], self.storage_tokens[...]], axis=1)
+    x = jnp.concatenate([jnp.broadcast_to(prefix, (b, prefix.shape[1], d)), patches], axis=1)
+    cos, sin = rope_cos_sin(self.rope_periods[...], h, w, self.config.num_prefix_tokens)
+    block_outputs = []
+    for block in self.blocks:
+      x = block(x, cos, sin)
+      if return_extras:
+        block_outputs.append(x)
+    x = self.norm(x)
+    n = self.config.num_prefix_tokens
+    patch = x[:, n:].reshape(b, h, w, d)
+    if not return_extras:
+      return patch
+    return {"patch": patch, "cls": x[:, 0], "storage": x[:, 1:n], "blocks": block_outputs}
+
+
+def count_params(model: nnx.Module) -> int:
+  """Number of trainable-kind (nnx.Param) scalars; works on nnx.eval_shape models."""
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def set_params(model: DinoV3, params: dict, *, source: str = "params") -> None:
+  """Copies a nested dict (the layout of nnx.to_pure_dict(nnx.state(model))) into `model`.
+
+  Every variable must be given with its exact shape; all problems are reported at once.
+  """
+  state = nnx.state(model)
+  expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
+  given = dict(_flatten(params))
+  problems = []
+  missing = [p for p in expected if p not in given]
+  unexpected = [p for p in given if p not in expected]
+  if missing:
+    problems.append("missing: " + ", ".join(_path_str(p) for p in missing))
+  if unexpected:
+    problems.append("unexpected: " + ", ".join(_path_str(p) for p in unexpected))
+  for path, shape in expected.items():
+    if path in given and tuple(np.shape(given[path])) != tuple(shape):
+      problems.append(f"{_path_str(path)}: shape {tuple(np.shape(given[path]))}, "
+                      f"model expects {tuple(shape)}")
+  if problems:
+    raise ValueError(f"{source}: does not fit the DinoV3 model ({model.config}):\n  "
+                     + "\n  ".join(problems))
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
+  nnx.update(model, state)
+
+
+def build_backbone(backbone_config, *, rngs: nnx.Rngs) -> DinoV3:
+  """A DinoV3 from the `config.model.backbone` ConfigDict (variant, custom, dtype, weights).
+
+  With `weights` set, the converted checkpoint (tools/convert_dinov3.py) is loaded; its
+  architecture must equal the configured variant's, otherwise every differing field is named.
+  """
+  custom = dict(backbone_config.get("custom", {}) or {})
+  config = get_config(backbone_config.variant, **custom)
+  dtype = jnp.dtype(backbone_config.get("dtype", "float32"))
+  model = DinoV3(config, dtype=dtype, rngs=rngs)
+  weights = backbone_config.get("weights", "")
+  if weights:
+    from dd_jax.convert import dinov3 as convert_dinov3  # pylint: disable=g-import-not-at-top
+    file_config, params = convert_dinov3.load_converted(weights)
+    if file_config != config:
+      diffs = [f"{f.name}: checkpoint {getattr(file_config, f.name)!r}, "
+               f"config {getattr(config, f.name)!r}"
+               for f in dataclasses.fields(config)
+               if getattr(file_config, f.name) != getattr(config, f.name)]
+      raise ValueError(
+          f"{weights}: converted backbone is {variant_name(file_config)} but "
+          f"config.model.backbone.variant={backbone_config.variant!r} differs: " + "; ".join(diffs))
+    set_params(model, params, source=weights)
+  return model
+
+
+def _flatten(tree: Any, prefix: tuple = ()):
+  if isinstance(tree, dict):
+    for key, value in tree.items():
+      yield from _flatten(value, prefix + (key,))
+  else:
+    yield prefix, tree
+
+
+def _path_str(path: tuple) -> str:
+  return ".".join(str(p) for p in path)

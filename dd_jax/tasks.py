@@ -1,0 +1,135 @@
+"""Pose and force tasks: what a train step minimises and what an eval step measures.
+
+A task holds the MANO model and the class weights (passed into the jit-compiled steps as
+`consts`, not baked into the program), and turns the network's outputs into losses, metric
+sums, per-frame test records and pictures.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dd_jax import losses, metrics, pictures
+from dd_jax.mano import io as mano_io
+from dd_jax.mano import synthetic as mano_synthetic
+
+
+def load_mano_from_config(config: ml_collections.ConfigDict):
+  """config.mano.path, or the synthetic MANO-format hand when it is empty."""
+  tip_ids = tuple(config.mano.tip_ids)
+  if config.mano.path:
+    return mano_io.load_mano(config.mano.path, tip_ids=tip_ids)
+  return mano_synthetic.synthetic_mano_model(tip_ids=tip_ids)
+
+
+class PoseTask:
+  """Residual pose: theta -> MANO keypoints (base image's betas); keypoint L1 + rotation loss."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.consts = {"mano": load_mano_from_config(config)}
+    self.faces = np.asarray(self.consts["mano"].faces)
+
+  def _forward(self, model, batch, consts):
+    out = model(batch["img"], batch["base_img"], batch["hamer_pose"])
+    per_sample = losses.pose_losses(consts["mano"], out["theta"], batch["gt_pose"],
+                                    batch["hamer_shape"])
+    return out, per_sample
+
+  def loss(self, model, batch, consts):
+    _, per_sample = self._forward(model, batch, consts)
+    reduced = losses.reduce_pose_loss(per_sample, batch["valid"],
+                                      keypoint_weight=self.config.loss.keypoint_weight,
+                                      pose_weight=self.config.loss.pose_weight)
+    return reduced["loss"], {"keypoint_loss": reduced["keypoint"], "pose_loss": reduced["pose"]}
+
+  def evaluate(self, model, batch, consts):
+    out, per_sample = self._forward(model, batch, consts)
+    reduced = losses.reduce_pose_loss(per_sample, batch["valid"],
+                                      keypoint_weight=self.config.loss.keypoint_weight,
+                                      pose_weight=self.config.loss.pose_weight)
+    prior_kp = losses.pose_keypoints(consts["mano"], batch["hamer_pose"], batch["hamer_shape"])
+    sums = metrics.pose_metric_sums(per_sample["pred_keypoints"], per_sample["gt_keypoints"],
+                                    prior_kp, batch["valid"])
+    sums["loss"] = reduced["loss"]
+    outputs = {"pose": out["theta"], "shape": batch["hamer_shape"],
+               "pred_kp_3d": per_sample["pred_keypoints"], "gt_kp_3d": per_sample["gt_keypoints"],
+               "hamer_kp_3d": prior_kp}
+    return sums, outputs
+
+  def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+    out = metrics.finalize_pose(sums)
+    out["loss"] = float(sums["loss"]) / max(int(sums["count"]), 1)  # per frame
+    out["mpjpe-prior"] = out.pop("mpjpe_prior")
+    return out
+
+  def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    keys = ("frame_id", "pose", "shape", "pred_kp_3d", "gt_kp_3d", "hamer_kp_3d")
+    return {k: np.asarray(outputs[k]) for k in keys}
+
+  def pictures(self, local_batch, host_outputs) -> Iterator[tuple[str, np.ndarray]]:
+    n = min(self.config.num_val_pictures, len(local_batch["img"]))
+    for i in range(n):
+      if not local_batch["valid"][i]:
+        continue
+      yield f"frame_{int(local_batch['frame_id'][i])}", pictures.pose_panel(
+          local_batch["img"][i], local_batch["base_img"][i], host_outputs["pred_kp_3d"][i],
+          host_outputs["gt_kp_3d"][i], host_outputs["hamer_kp_3d"][i],
+          local_batch.get("gt_kp2d", [None] * len(local_batch["img"]))[i])
+
+  def summary_pictures(self, outputs) -> Iterator[tuple[str, np.ndarray]]:
+    return iter(())
+
+
+class ForceTask:
+  """Press classes: class-weighted cross-entropy; accuracy, weighted P/R/F1, confusion."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.consts = {"class_weights": jnp.asarray(losses.class_weights(config.loss.class_counts))}
+
+  def loss(self, model, batch, consts):
+    logits = model(batch["img"], batch["base_img"])
+    per_sample = losses.force_loss(logits, batch["tap_label"], consts["class_weights"])
+    return losses.reduce_force_loss(per_sample, batch["valid"]), {}
+
+  def evaluate(self, model, batch, consts):
+    logits = model(batch["img"], batch["base_img"])
+    per_sample = losses.force_loss(logits, batch["tap_label"], consts["class_weights"])
+    valid = batch["valid"]
+    sums = metrics.force_metric_sums(logits, batch["tap_label"], valid)
+    sums["weighted_nll"] = jnp.sum(jnp.where(valid, per_sample["weighted_nll"], 0.0))
+    sums["weight"] = jnp.sum(jnp.where(valid, per_sample["weight"], 0.0))
+    outputs = {"pred_tap_labels": jnp.argmax(logits, -1)[:, 0] if logits.shape[1] == 1
+               else jnp.argmax(logits, -1),
+               "gt_tap_labels": batch["tap_label"]}
+    return sums, outputs
+
+  def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
+    out = metrics.finalize_force(sums)
+    self.last_confusion = out.pop("confusion")
+    out["loss"] = float(sums["weighted_nll"]) / max(float(sums["weight"]), 1e-12)
+    return out
+
+  def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.asarray(outputs[k]) for k in ("frame_id", "pred_tap_labels", "gt_tap_labels")}
+
+  def pictures(self, local_batch, host_outputs):
+    return iter(())
+
+  def summary_pictures(self, outputs):
+    """The confusion matrix of the last finalized evaluation."""
+    yield "confusion", pictures.confusion_matrix(self.last_confusion.sum(0))
+
+
+def make_task(config: ml_collections.ConfigDict) -> PoseTask | ForceTask:
+  if config.task == "pose":
+    return PoseTask(config)
+  if config.task == "force":
+    return ForceTask(config)
+  raise ValueError(f"config.task must be 'pose' or 'force', got {config.task!r}")
