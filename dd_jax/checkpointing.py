@@ -71,4 +71,6 @@ def resolve(path: str) -> tuple[str, int | None]:
 
 def abstract(tree):
   """ShapeDtypeStructs with shardings: what StandardRestore needs to place arrays directly."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+  return jax.tree.map(
+      lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
+      else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import jax
-from absl import flags, logging
+from absl import flags
 from ml_collections import config_flags
+
+from dd_jax.logs import log
 
 config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pose.py or configs/pose.py:demo.",
                                 lock_config=True)
@@ -31,5 +33,5 @@ def initialize_distributed() -> None:
         heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
   elif FLAGS.distributed:
     jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
-  logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+  log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())

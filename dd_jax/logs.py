@@ -6,13 +6,29 @@ Only process 0 writes; the other processes get a writer that does nothing.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import time
 
 import cv2
 import jax
 import numpy as np
-from absl import logging
+
+# dd_jax's own console messages; absl (Orbax, JAX) stays at WARNING so progress is readable.
+log = logging.getLogger("dd_jax")
+
+
+def setup_console(level: int = logging.INFO) -> None:
+  """Short timestamped lines on stderr for dd_jax, warnings only from absl users."""
+  from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.propagate = False
+  log.setLevel(level)
 
 
 class MetricWriter:
@@ -78,7 +94,7 @@ class Progress:
     rate = steps_done / max(elapsed, 1e-9)
     eta = (self.total - steps_done) / max(rate, 1e-9)
     shown = "  ".join(f"{k}={v:.4g}" for k, v in values.items())
-    logging.info("epoch %d/%d  step %d/%d  %s  %.2f steps/s  ETA %s", self.epoch + 1,
+    log.info("epoch %d/%d  step %d/%d  %s  %.2f steps/s  ETA %s", self.epoch + 1,
                  self.max_epochs, steps_done, self.total, shown, rate, _duration(eta))
     return rate
 

@@ -23,6 +23,15 @@ def make_mesh() -> jax.sharding.Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
+def check_batch_sizes(mesh: jax.sharding.Mesh, *global_batch_sizes: int) -> None:
+  """Global batches are split evenly over devices (and so over processes)."""
+  n = mesh.shape[DATA_AXIS]
+  bad = [b for b in global_batch_sizes if b % n]
+  if bad:
+    raise ValueError(f"data.batch_size / data.eval_batch_size {bad} must be multiples of the "
+                     f"{n} devices of the mesh ({jax.process_count()} processes)")
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
   """Leading (batch) dimension split over the data axis."""
   return jax.sharding.NamedSharding(mesh, jax.P(DATA_AXIS))

@@ -44,7 +44,7 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     new_state = dict(state, step=state["step"] + finite.astype(state["step"].dtype),
                      params=keep(params, state["params"]),
                      opt_state=keep(opt_state, state["opt_state"]))
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return new_state, metrics
 
   return train_step

@@ -85,6 +85,18 @@ class PoseTask:
   def summary_pictures(self, outputs) -> Iterator[tuple[str, np.ndarray]]:
     return iter(())
 
+  @staticmethod
+  def summary(results: dict[str, float]) -> str:
+    """The closing lines: model vs prior on val and test."""
+    lines = []
+    for split in ("val", "test"):
+      if f"{split}/mpjpe" in results:
+        model, prior = results[f"{split}/mpjpe"], results[f"{split}/mpjpe-prior"]
+        lines.append(f"{split:4s} MPJPE {model:6.2f} mm   prior {prior:6.2f} mm   "
+                     f"({100 * (1 - model / prior):+.1f}% vs prior)   PA-MPJPE "
+                     f"{results[f'{split}/pa_mpjpe']:.2f} (prior {results[f'{split}/pa_mpjpe_prior']:.2f})")
+    return "\n".join(lines)
+
 
 class ForceTask:
   """Press classes: class-weighted cross-entropy; accuracy, weighted P/R/F1, confusion."""
@@ -113,6 +125,7 @@ class ForceTask:
   def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
     out = metrics.finalize_force(sums)
     self.last_confusion = out.pop("confusion")
+    out["f1_w_majority"] = majority_f1(self.last_confusion.sum(0))
     out["loss"] = float(sums["weighted_nll"]) / max(float(sums["weight"]), 1e-12)
     return out
 
@@ -125,6 +138,26 @@ class ForceTask:
   def summary_pictures(self, outputs):
     """The confusion matrix of the last finalized evaluation."""
     yield "confusion", pictures.confusion_matrix(self.last_confusion.sum(0))
+
+  def summary(self, results: dict[str, float]) -> str:
+    """The closing lines: accuracy and weighted F1 vs always predicting the majority class."""
+    lines = []
+    for split in ("val", "test"):
+      if f"{split}/acc" in results:
+        lines.append(f"{split:4s} acc {results[f'{split}/acc']:.3f}   weighted F1 "
+                     f"{results[f'{split}/f1_w']:.3f}   majority-class weighted F1 "
+                     f"{results[f'{split}/f1_w_majority']:.3f}")
+    return "\n".join(lines)
+
+
+def majority_f1(confusion: np.ndarray) -> float:
+  """Weighted F1 of always predicting the most frequent true class (the baseline to beat)."""
+  support = confusion.sum(1).astype(np.float64)
+  total = support.sum()
+  if total == 0:
+    return 0.0
+  share = support.max() / total  # precision = share, recall = 1 for the majority class
+  return float(share * 2 * share / (share + 1))
 
 
 def make_task(config: ml_collections.ConfigDict) -> PoseTask | ForceTask:

@@ -4,13 +4,14 @@ r"""Trains and tests DeltaDorsal.
   python -m dd_jax.train --config configs/pose.py --workdir runs/pose --config.data.batch_size=32
 """
 
-from absl import app, logging
+from absl import app
 
-from dd_jax import launch, trainer
+from dd_jax import launch, logs, trainer
 
 
 def main(argv):
   del argv
+  logs.setup_console()
   launch.initialize_distributed()
   if launch.FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
@@ -18,6 +19,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  logging.set_verbosity(logging.INFO)
   launch.flags.mark_flags_as_required(["config"])
   app.run(main)

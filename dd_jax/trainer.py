@@ -9,56 +9,54 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 from flax import nnx
 
-from dd_jax import checkpointing, evaluation, logs, optim, parallel, steps, tasks
+from dd_jax import checkpointing, evaluation, logs, optim, parallel, train_state
+from dd_jax.logs import log
 from dd_jax.data import pipeline
-from dd_jax.models import deltadorsal
 
 
 class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (config.train) and tests (config.test); returns the final val/test metrics."""
+# Fault injection for the resume tests: the process SIGKILLs itself right after this train step.
+_SIGKILL_AT_STEP = int(os.environ.get("DD_JAX_SIGKILL_AT_STEP", "0"))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       mesh: jax.sharding.Mesh | None = None) -> dict[str, float]:
+  """Trains (config.train) and tests (config.test); returns the final val/test metrics.
+
+  mesh: defaults to every device of every process.
+  """
   # ---------------------------------------------------------------- run folder and mesh
   workdir = os.path.abspath(workdir)
-  mesh = parallel.make_mesh()
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_batch_sizes(mesh, config.data.batch_size, config.data.eval_batch_size)
   writer = logs.MetricWriter(workdir)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
-  logging.info("config:\n%s", config)
-  logging.info("mesh: %d devices over %d processes (%s)", jax.device_count(), jax.process_count(),
+  log.info("config:\n%s", config)
+  log.info("mesh: %d devices over %d processes (%s)", jax.device_count(), jax.process_count(),
                jax.devices()[0].platform)
 
-  # ---------------------------------------------------------------- task and data
-  task = tasks.make_task(config)
+  # ---------------------------------------------------------------- data, model, optimizer
   pipeline.prepare(config.data, config.task)  # synthetic set on first use; validation pass
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
-
-  # ---------------------------------------------------------------- model and optimizer
-  graphdef, trainable, frozen, is_trainable = create_model(config, mesh)
-  n_total = optim.count_params(nnx.state(nnx.merge(graphdef, trainable, frozen), nnx.Param))
-  n_trainable = optim.count_params(trainable)
-  logging.info("parameters: %s total, %s trainable", f"{n_total:,}", f"{n_trainable:,}")
+  built = train_state.build(config, mesh)
+  task, state, frozen = built.task, built.state, built.frozen
+  n_trainable = optim.count_params(state["params"])
+  n_total = optim.count_params(nnx.state(built.model(), nnx.Param))
+  log.info("parameters: %s total, %s trainable", f"{n_total:,}", f"{n_trainable:,}")
   writer.text("config", f"```\n{config}\n```\n\nparameters: {n_total:,} total, {n_trainable:,} trainable")
-  tx = optim.make_optimizer(config)
-  state = jax.jit(lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                                 plateau=optim.plateau_init(config),
-                                 rng=jax.random.key_data(jax.random.key(config.seed))),
-                  out_shardings=_state_shardings(mesh, config, tx, trainable))(trainable)
-
-  train_step = jax.jit(steps.make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
-  eval_step = jax.jit(steps.make_eval_step(graphdef, task.evaluate))
 
   # ---------------------------------------------------------------- restore
   ckpt_dir = os.path.join(workdir, "checkpoints")
@@ -66,84 +64,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_loader = pipeline.make_train_loader(config.data, config.task, seed=config.seed, **proc) \
       if config.train else None
   train_iter = iter(train_loader) if train_loader is not None else None
-  epoch, best = 0, None
+  epoch, progress = 0, {"best": None, "stale_epochs": 0}
   source = _checkpoint_to_restore(config, manager)
   if source is not None:
     state, frozen, meta = _restore(source, state, frozen, train_iter if config.train else None)
-    epoch, best = meta["epoch"], meta.get("best")
-    logging.info("restored %s (epoch %d, step %d)", source, epoch, int(state["step"]))
+    epoch = meta["epoch"]
+    progress = {k: meta.get(k, v) for k, v in progress.items()}
+    log.info("restored %s (epoch %d, step %d)", source, epoch, int(state["step"]))
 
-  # ---------------------------------------------------------------- train
-  results: dict[str, float] = {}
-  if config.train:
-    epoch, best = _train_epochs(config, mesh, task, train_step, eval_step, state, frozen,
-                                train_iter, train_loader.steps_per_epoch, manager, writer, epoch,
-                                best, results, proc)
-    state = None  # donated away; the test restores the best checkpoint
+  try:
+    # ---------------------------------------------------------------- train
+    results: dict[str, float] = {}
+    if config.train:
+      epoch = _train_epochs(config, mesh, task, built.train_step, built.eval_step, state, frozen,
+                            train_iter, train_loader.steps_per_epoch, manager, writer, epoch,
+                            progress, results, proc)
+      state = None  # donated away; the test restores the best checkpoint
+      manager.wait_until_finished()
+
+    # ---------------------------------------------------------------- test
+    if config.test:
+      if config.train:  # test the best epoch, as the original does
+        best_step = manager.best_step()
+        restored, frozen, meta = _restore((ckpt_dir, best_step), built.abstract_state, frozen, None)
+        params, epoch = restored["params"], meta["epoch"]
+      elif source is None:
+        raise ValueError("config.test without config.train needs config.ckpt_path (a run folder "
+                         "or one of its checkpoint steps)")
+      else:
+        params = state["params"]
+      test_loader = pipeline.make_eval_loader(config.data, config.task, config.data.test_split, **proc)
+      metrics, outputs = evaluation.evaluate(built.eval_step, (params, frozen, task.consts), test_loader, mesh,
+                                             task.finalize, keep_outputs=True)
+      metrics = {f"test/{k}": v for k, v in metrics.items()}
+      results.update(metrics)
+      writer.scalars(int(epoch), metrics)
+      if jax.process_index() == 0:
+        write_test_outputs(workdir, epoch, task.test_record(outputs), metrics)
+        for name, picture in task.summary_pictures(outputs):
+          writer.image(int(epoch), f"test/{name}", picture)
+      log.info("test: %s", _fmt(metrics))
+  finally:  # a save in flight holds good state: let it finish, whatever stopped the run
     manager.wait_until_finished()
-
-  # ---------------------------------------------------------------- test
-  if config.test:
-    if config.train or state is None:
-      best_step = manager.best_step()
-      if best_step is None:
-        raise RuntimeError(f"no checkpoint in {ckpt_dir} to test")
-      params_state, frozen, meta = _restore((ckpt_dir, best_step), _abstract_like(mesh, config, tx, trainable),
-                                            frozen, None)
-      params, epoch = params_state["params"], meta["epoch"]
-    else:
-      params = state["params"]
-    test_loader = pipeline.make_eval_loader(config.data, config.task, config.data.test_split, **proc)
-    metrics, outputs = evaluation.evaluate(eval_step, (params, frozen, task.consts), test_loader, mesh,
-                                           task.finalize, keep_outputs=True)
-    metrics = {f"test/{k}": v for k, v in metrics.items()}
-    results.update(metrics)
-    writer.scalars(int(epoch), metrics)
-    if jax.process_index() == 0:
-      write_test_outputs(workdir, epoch, task.test_record(outputs), metrics)
-      for name, picture in task.summary_pictures(outputs):
-        writer.image(int(epoch), f"test/{name}", picture)
-    logging.info("test: %s", _fmt(metrics))
-  manager.close()
-  writer.close()
+    manager.close()
+    writer.close()
+  if results:
+    log.info("results (%s):\n%s", workdir, task.summary(results))
   return results
 
 
 # ------------------------------------------------------------------ pieces of the run
-
-
-def create_model(config, mesh):
-  """Builds the network sharded on `mesh`, loads backbone weights, splits trainable / frozen."""
-  backbone_config = deltadorsal.backbone_config_from(config)
-  build = lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(config.seed))
-  abstract_model = nnx.eval_shape(build)
-  graphdef, abstract_state = nnx.split(abstract_model)
-  shardings = parallel.tree_shardings(mesh, abstract_state, config.mesh.fsdp)
-  model_state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
-  model = nnx.merge(graphdef, model_state)
-  if config.model.backbone.weights:
-    deltadorsal.load_backbone_weights(model, config.model.backbone.weights)
-  is_trainable = optim.trainable_filter(backbone_config.depth, config.model.backbone.n_unfrozen_blocks)
-  graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
-  return graphdef, trainable, frozen, is_trainable
-
-
-def _state_shardings(mesh, config, tx, trainable):
-  abstract_state = jax.eval_shape(
-      lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                     plateau=optim.plateau_init(config),
-                     rng=jax.random.key_data(jax.random.key(0))), trainable)
-  return parallel.tree_shardings(mesh, abstract_state, config.mesh.fsdp)
-
-
-def _abstract_like(mesh, config, tx, trainable):
-  shardings = _state_shardings(mesh, config, tx, trainable)
-  abstract_state = jax.eval_shape(
-      lambda p: dict(step=jnp.zeros((), jnp.int32), params=p, opt_state=tx.init(p),
-                     plateau=optim.plateau_init(config),
-                     rng=jax.random.key_data(jax.random.key(0))), trainable)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract_state, shardings)
 
 
 def _checkpoint_to_restore(config, manager):
@@ -164,26 +134,21 @@ def _checkpoint_to_restore(config, manager):
 def _restore(source, state, frozen, train_iter):
   directory, step = source
   manager = checkpointing.make_manager(directory, "unused", "min", read_only=True)
-  abstract = {"train": checkpointing.abstract(state) if not _is_abstract(state) else state,
-              "frozen": checkpointing.abstract(frozen)}
+  abstract = {"train": checkpointing.abstract(state), "frozen": checkpointing.abstract(frozen)}
   restored, meta = checkpointing.restore(manager, step, abstract, train_iter)
   manager.close()
   return restored["train"], restored["frozen"], meta
 
 
-def _is_abstract(tree) -> bool:
-  return all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
-
-
 def _train_epochs(config, mesh, task, train_step, eval_step, state, frozen, train_iter,
-                  steps_per_epoch, manager, writer, start_epoch, best, results, proc):
+                  steps_per_epoch, manager, writer, start_epoch, progress, results, proc) -> int:
+  """Runs the remaining epochs; returns the number of the last epoch trained."""
   consts = task.consts
   best_sign = -1.0 if config.best_mode == "min" else 1.0
-  epochs_without_improvement = 0
   step = int(state["step"])
   skip = step - start_epoch * steps_per_epoch  # resumed mid-epoch: steps already done
   for epoch in range(start_epoch, config.max_epochs):
-    progress = logs.Progress(steps_per_epoch, epoch, config.max_epochs)
+    console = logs.Progress(steps_per_epoch, epoch, config.max_epochs)
     window: list[dict[str, jax.Array]] = []
     for i in range(skip, steps_per_epoch):
       batch = parallel.global_batch(mesh, next(train_iter))
@@ -196,11 +161,13 @@ def _train_epochs(config, mesh, task, train_step, eval_step, state, frozen, trai
         window = []
         means["lr"] = config.optimizer.lr * float(state["plateau"].scale)
         writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
-        progress.update(i + 1, {"loss": means["loss"]})
+        console.update(i + 1, {"loss": means["loss"]})
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not last:
         _check_and_mean(window, step, epoch)
         checkpointing.save(manager, step, {"train": state, "frozen": frozen}, train_iter,
-                           dict(epoch=epoch, best=best, config=config.to_json_best_effort()))
+                           dict(progress, epoch=epoch, config=config.to_json_best_effort()))
+      if step == _SIGKILL_AT_STEP:
+        os.kill(os.getpid(), signal.SIGKILL)
     skip = 0
 
     # Validation, scheduler, best checkpoint, early stopping.
@@ -213,21 +180,22 @@ def _train_epochs(config, mesh, task, train_step, eval_step, state, frozen, trai
       writer.image(step, f"val/{name}", picture)
     state = dict(state, plateau=optim.plateau_step(config, state["plateau"], val["val/loss"]))
     score = val[config.best_metric]
-    improved = best is None or best_sign * (score - best) > 0
-    best = score if improved else best
-    epochs_without_improvement = 0 if improved else epochs_without_improvement + 1
+    improved = progress["best"] is None or best_sign * (score - progress["best"]) > 0
+    progress = {"best": score if improved else progress["best"],
+                "stale_epochs": 0 if improved else progress["stale_epochs"] + 1}
     writer.scalars(step, {**val, "epoch": epoch + 1})
     results.update(val)
-    logging.info("epoch %d: %s (best %s %.4f)", epoch + 1, _fmt(val), config.best_metric, best)
+    log.info("epoch %d: %s (best %s %.4f)", epoch + 1, _fmt(val), config.best_metric,
+             progress["best"])
     checkpointing.save(manager, step, {"train": state, "frozen": frozen}, train_iter,
-                       dict(epoch=epoch + 1, best=best, config=config.to_json_best_effort()),
+                       dict(progress, epoch=epoch + 1, config=config.to_json_best_effort()),
                        metrics={k: float(v) for k, v in val.items()})
     if (config.early_stopping_patience and epoch + 1 >= config.min_epochs
-        and epochs_without_improvement >= config.early_stopping_patience):
-      logging.info("early stopping: %s did not improve for %d epochs", config.best_metric,
-                   epochs_without_improvement)
-      return epoch + 1, best
-  return config.max_epochs, best
+        and progress["stale_epochs"] >= config.early_stopping_patience):
+      log.info("early stopping: %s did not improve for %d epochs", config.best_metric,
+               progress["stale_epochs"])
+      return epoch + 1
+  return config.max_epochs
 
 
 def _check_and_mean(window, step, epoch) -> dict[str, float]:

@@ -10,3 +10,13 @@ from absl import flags  # noqa: E402
 # Grain worker processes and ml_collections read absl flags; parse them once with defaults.
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+  """The tiny synthetic EgoDorsal set of tests/tiny.py, generated once per session."""
+  import tiny  # pylint: disable=g-import-not-at-top
+  return tiny.dataset(tmp_path_factory.getbasetemp())

@@ -1,0 +1,170 @@
+"""The trainer: freezing, device-count invariance, SIGKILL resume, NaN stop, smoke runs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import tiny
+from dd_jax import checkpointing, parallel, train_state, trainer
+from dd_jax.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _mesh(n):
+  return jax.make_mesh((n,), (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:n])
+
+
+def _batches(config, n):
+  it = iter(pipeline.make_train_loader(config.data, config.task, seed=config.seed))
+  return [next(it) for _ in range(n)]
+
+
+def _flat(state):
+  return {"/".join(map(str, p)): np.asarray(v) for p, v in nnx.to_flat_state(state)}
+
+
+def test_frozen_parameters_get_no_update_and_no_backward(tiny_dataset):
+  config = tiny.config("pose", tiny_dataset, **{"model.backbone.n_unfrozen_blocks": 1})
+  built = train_state.build(config, _mesh(1))
+  trainable_names = set(_flat(built.state["params"]))
+  assert any(n.startswith("backbone/blocks/1/") for n in trainable_names)
+  assert any(n.startswith("backbone/norm/") for n in trainable_names)
+  assert not any(n.startswith(("backbone/blocks/0/", "backbone/patch_embed", "backbone/cls_token",
+                               "backbone/storage_tokens")) for n in trainable_names)
+  # Optimizer moments exist only for the trainable subset.
+  moments = sum(x.size for x in jax.tree.leaves(built.state["opt_state"]))
+  n_trainable = sum(x.size for x in jax.tree.leaves(built.state["params"]))
+  assert moments <= 2 * n_trainable + 16
+
+  frozen_before, trainable_before = _flat(built.frozen), _flat(built.state["params"])
+  state = built.state
+  # Two steps: the head's zero-initialised last layer passes no gradient back in the first.
+  for local in _batches(config, 2):
+    batch = parallel.global_batch(built.mesh, local)
+    state, _ = built.train_step(state, built.frozen, batch, built.task.consts)
+  for name, value in _flat(built.frozen).items():
+    np.testing.assert_array_equal(value, frozen_before[name], err_msg=name)
+  after = _flat(state["params"])
+  still = [n for n in after if np.array_equal(after[n], trainable_before[n])]
+  assert not still, f"trainable parameters that did not move: {still}"
+
+  # The compiled step of a fully frozen backbone costs well under a fully trainable one.
+  def step_flops(n_unfrozen, depth=6):
+    c = tiny.config("pose", tiny_dataset, **{"model.backbone.n_unfrozen_blocks": n_unfrozen,
+                                             "model.backbone.custom.depth": depth})
+    b = train_state.build(c, _mesh(1))
+    compiled = b.train_step.lower(b.state, b.frozen, batch, b.task.consts).compile()
+    return compiled.cost_analysis()["flops"]
+
+  frozen_flops, full_flops = step_flops(0), step_flops(6)
+  assert frozen_flops < 0.6 * full_flops, (frozen_flops, full_flops)
+
+
+def test_three_steps_on_eight_devices_match_one(tiny_dataset):
+  config = tiny.config("pose", tiny_dataset, **{"data.batch_size": 8})
+  batches = _batches(config, 3)
+  losses = {}
+  for n in (1, 8):
+    built = train_state.build(config, _mesh(n))
+    state, out = built.state, []
+    for local in batches:
+      state, metrics = built.train_step(state, built.frozen, parallel.global_batch(built.mesh, local),
+                                        built.task.consts)
+      out.append(float(metrics["loss"]))
+    losses[n] = out
+  np.testing.assert_allclose(losses[8], losses[1], rtol=2e-5)
+  assert losses[1][2] != losses[1][0]
+
+
+def _run(args, env_extra=None, check=True):
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env_extra or {}))
+  result = subprocess.run([sys.executable, "-m", "dd_jax.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f"run failed ({result.returncode}):\n{result.stderr[-4000:]}")
+  return result
+
+
+def _losses(workdir):
+  """step -> the last logged train loss of that step (a resumed run re-logs some steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "train/loss" in row:
+        out[row["step"]] = row["train/loss"]
+  return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_dataset, tmp_path):
+  config_arg = [f"--config=tests/tiny_config.py:pose,{tiny_dataset}", "--config.max_epochs=2",
+                "--config.test=False", "--config.checkpoint_every_steps=2"]
+  reference = str(tmp_path / "uninterrupted")
+  _run(config_arg + [f"--workdir={reference}"])
+  killed = str(tmp_path / "killed")
+  result = _run(config_arg + [f"--workdir={killed}"], {"DD_JAX_SIGKILL_AT_STEP": "3"}, check=False)
+  assert result.returncode == -9, result.stderr[-2000:]
+  first = _losses(killed)
+  assert max(first) == 3 and max(first) < max(_losses(reference))  # died mid-epoch 2 of 2 steps/epoch
+  _run(config_arg + [f"--workdir={killed}"])
+  expected, resumed = _losses(reference), _losses(killed)
+  assert sorted(resumed) == sorted(expected)
+  for step in expected:
+    np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+
+
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path, monkeypatch):
+  # The loader refuses non-finite annotations, so the NaN is slipped into the second train batch.
+  real_next = pipeline.BatchIterator.__next__
+  served = {"train": 0}
+
+  def poisoned_next(self):
+    batch = real_next(self)
+    if "train" in self.name:
+      served["train"] += 1
+      if served["train"] == 2:
+        batch["gt_pose"] = np.full_like(batch["gt_pose"], np.nan)
+    return batch
+
+  monkeypatch.setattr(pipeline.BatchIterator, "__next__", poisoned_next)
+  config = tiny.config("pose", tiny_dataset, max_epochs=2, test=False)
+  workdir = str(tmp_path / "run")
+  with pytest.raises(trainer.NonFiniteLossError, match="training loss became nan at step 2"):
+    trainer.train_and_evaluate(config, workdir, _mesh(1))
+  ckpt_dir, _ = checkpointing.resolve(workdir)
+  manager = checkpointing.make_manager(ckpt_dir, config.best_metric, config.best_mode)
+  assert manager.all_steps() == [1]  # the step before the NaN, nothing after it
+  manager.close()
+  built = train_state.build(config, _mesh(1))
+  restored, _, meta = trainer._restore((ckpt_dir, 1), built.abstract_state, built.frozen, None)
+  assert int(restored["step"]) == 1 and meta["epoch"] == 0
+  assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored["params"]))
+
+
+@pytest.mark.parametrize("task", ["pose", "force"])
+def test_smoke_train_then_test_mode(tiny_dataset, tmp_path, task):
+  workdir = str(tmp_path / task)
+  results = trainer.train_and_evaluate(tiny.config(task, tiny_dataset, max_epochs=1), workdir,
+                                       _mesh(1))
+  metric = "test/mpjpe" if task == "pose" else "test/acc"
+  assert np.isfinite(results[metric])
+  record = np.load(os.path.join(workdir, "test_outputs_epoch1.npy"), allow_pickle=True).item()
+  n_test = len(json.load(open(os.path.join(tiny_dataset, "test.json")))["frames"])
+  assert len(record["frame_id"]) == n_test == len(set(record["frame_id"].tolist()))
+  assert os.listdir(os.path.join(workdir, "pictures"))
+  assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
+
+  again = trainer.train_and_evaluate(
+      tiny.config(task, tiny_dataset, train=False, ckpt_path=workdir), str(tmp_path / "test_only"),
+      _mesh(1))
+  np.testing.assert_allclose(again[metric], results[metric], rtol=1e-5)

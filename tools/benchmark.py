@@ -1,0 +1,629 @@
+"""dd_jax against the PyTorch original on this machine: prints a table and writes JSON.
+
+Rows: pose train step, pose inference, MANO forward, input pipeline, peak memory of the train
+step (separate processes) and train-step compile time. Both frameworks use the same threads,
+float32, shapes and weights; warm-up is excluded; each time is the median of several repeats,
+taken alternately (torch, jax, jax, torch, ...) so that load from elsewhere hits both alike.
+
+  python tools/benchmark.py                     # full run, ViT-S/16 224x224 batch 8 (~10 min)
+  python tools/benchmark.py --quick             # tiny model smoke check (~30 s)
+  python tools/benchmark.py --rows train,mano --json bench_results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+for _path in (ROOT, os.path.join(ROOT, "tools")):
+  if _path not in sys.path:
+    sys.path.insert(0, _path)
+
+import numpy as np  # noqa: E402
+
+ROWS = ("train", "infer", "mano", "pipeline", "memory", "compile")
+
+
+@dataclasses.dataclass
+class Settings:
+  variant: str = "dinov3_vits16"
+  custom: dict = dataclasses.field(default_factory=dict)  # backbone overrides (quick mode)
+  image_size: int = 224
+  batch: int = 8
+  n_unfrozen: int = 3
+  warmup: int = 2
+  repeats: int = 5
+  mano_batches: tuple = (1, 64, 1024)
+  mano_seconds: float = 1.0  # per repeat
+  pipeline_samples: int = 24  # per repeat
+  crop_size: int = 512  # the decoded JPEG crops (frame and base)
+  out_size: int = 384
+  compile_depths: tuple = (6, 12, 24)  # with n_unfrozen fixed: frozen blocks grow
+  compile_unfrozen: tuple = (0, 12)  # at the variant's depth
+  memory_steps: int = 3
+  matmul_sizes: tuple = (1024, 2048)
+  threads: int = 0  # 0: every core this process may use
+
+  @classmethod
+  def quick(cls) -> "Settings":
+    return cls(variant="custom", custom=dict(dim=64, depth=2, num_heads=2, ffn="mlp",
+                                             ffn_hidden=128, qkv_bias=True),
+               image_size=32, batch=2, n_unfrozen=1, warmup=1, repeats=2, mano_batches=(1, 64),
+               mano_seconds=0.05, pipeline_samples=2, crop_size=96, out_size=64,
+               compile_depths=(1, 2), compile_unfrozen=(0,), memory_steps=1, matmul_sizes=(256,))
+
+
+# ------------------------------------------------------------------ timing
+
+
+def cpu_threads() -> int:
+  return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def pin_cores(n: int) -> None:
+  """Restricts this process (and its children) to its first n usable cores. XLA:CPU sizes its
+  thread pool to the usable cores when it starts, so call this before JAX's first use."""
+  if n and hasattr(os, "sched_setaffinity") and n < cpu_threads():
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:n])
+
+
+def set_threads(n: int) -> None:
+  """torch intra-op threads and OpenCV's; XLA:CPU sizes its pool to the usable cores itself."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  torch.set_num_threads(n)
+  cv2.setNumThreads(n)
+
+
+def _time(fn: Callable[[], Any]) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def compare(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+            gap: float = 0.05) -> dict[str, list[float]]:
+  """Seconds per call of each function: warm-up calls first, then `repeats` rounds in which
+  the order alternates, with a short pause so one framework's spinning threads have settled."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(repeats):
+    for name in (names if r % 2 == 0 else names[::-1]):
+      time.sleep(gap)
+      times[name].append(_time(fns[name]))
+  return times
+
+
+def median(xs: list[float]) -> float:
+  return float(statistics.median(xs))
+
+
+def matmul_peak(sizes: tuple, repeats: int = 5) -> dict[str, float]:
+  """Best float32 square matmul FLOP/s of torch and of XLA on this machine."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  best = {"torch": 0.0, "jax": 0.0}
+  for n in sizes:
+    a = np.random.default_rng(0).standard_normal((n, n), np.float32)
+    ta = torch.from_numpy(a)
+    ja = jnp.asarray(a)
+    dot = jax.jit(jnp.dot)
+    times = compare({"torch": lambda: torch.mm(ta, ta),
+                     "jax": lambda: dot(ja, ja).block_until_ready()}, 1, repeats, gap=0.02)
+    for name, ts in times.items():
+      best[name] = max(best[name], 2 * n ** 3 / min(ts))
+  best["best"] = max(best["torch"], best["jax"])
+  return best
+
+
+# ------------------------------------------------------------------ the pose model, both sides
+
+
+def backbone_config(s: Settings):
+  from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
+  return dinov3.get_config(s.variant, **s.custom)
+
+
+def pose_config(s: Settings, depth: int | None = None, n_unfrozen: int | None = None):
+  from dd_jax import default_config  # pylint: disable=import-outside-toplevel
+  c = default_config.pose_config()
+  c.model.backbone.variant = s.variant
+  c.model.backbone.custom.update(s.custom)
+  if depth is not None:
+    c.model.backbone.custom.depth = depth
+  c.model.backbone.dtype = "float32"
+  c.model.backbone.n_unfrozen_blocks = s.n_unfrozen if n_unfrozen is None else n_unfrozen
+  c.data.out_img_size = s.image_size
+  c.data.batch_size = s.batch
+  c.mano.path = ""  # the synthetic MANO-format hand (the same one torch_reference writes)
+  return c
+
+
+def host_batch(s: Settings, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  b, n = s.batch, s.image_size
+  return {"img": rng.standard_normal((b, n, n, 3), np.float32),
+          "base_img": rng.standard_normal((b, n, n, 3), np.float32),
+          "hamer_pose": (0.3 * rng.standard_normal((b, 45))).astype(np.float32),
+          "hamer_shape": rng.standard_normal((b, 10)).astype(np.float32),
+          "gt_pose": (0.3 * rng.standard_normal((b, 45))).astype(np.float32),
+          "valid": np.ones((b,), bool)}
+
+
+def one_device_mesh():
+  import jax  # pylint: disable=import-outside-toplevel
+  return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",),
+                           axis_types=(jax.sharding.AxisType.Auto,))
+
+
+class TorchPose:
+  """The original's pose training step and inference, from tools/torch_reference.py."""
+
+  def __init__(self, s: Settings, mano_dir: str, seed: int = 0):
+    import torch  # pylint: disable=import-outside-toplevel
+    import torch_reference as tr  # pylint: disable=import-outside-toplevel
+    torch.manual_seed(seed)
+    self.torch, self.tr = torch, tr
+    self.net = tr.PoseNet(backbone_config(s))
+    tr.randomise_last_layer(self.net)  # theta depends on the whole network (parity check)
+    self.trainable = tr.freeze(self.net, s.n_unfrozen)
+    self.optimizer = tr.make_optimizer(self.trainable)
+    self.mano = tr.make_mano(mano_dir)
+    self.step_fn = tr.make_train_step(self.net, self.mano, self.optimizer)
+
+  def tensors(self, batch: dict[str, np.ndarray]):
+    t = self.torch.from_numpy
+    return (t(batch["img"]).permute(0, 3, 1, 2), t(batch["base_img"]).permute(0, 3, 1, 2),
+            t(batch["hamer_pose"]), t(batch["gt_pose"]), t(batch["hamer_shape"]))
+
+  def train_step(self, batch) -> float:
+    self.net.train()
+    return float(self.step_fn(*self.tensors(batch)))
+
+  def loss(self, batch) -> float:
+    with self.torch.no_grad():
+      img, base, prior, gt, betas = self.tensors(batch)
+      return float(self.tr.pose_loss(self.mano, self.net(img, base, prior)[0], gt, betas))
+
+  def infer(self, batch):
+    self.net.eval()
+    with self.torch.inference_mode():
+      img, base, prior, _, _ = self.tensors(batch)
+      return self.net(img, base, prior)[0]
+
+
+class JaxPose:
+  """dd_jax's compiled train step (train_state.build, as the trainer uses it) with the same
+  weights as a TorchPose, and a compiled forward for inference."""
+
+  def __init__(self, s: Settings, torch_pose: TorchPose | None = None):
+    import jax  # pylint: disable=import-outside-toplevel
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    from dd_jax import optim, parallel, train_state  # pylint: disable=import-outside-toplevel
+    from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
+    self.jax, self.parallel = jax, parallel
+    self.mesh = one_device_mesh()
+    config = pose_config(s)
+    built = train_state.build(config, self.mesh)
+    self.built = built
+    state, frozen = built.state, built.frozen
+    if torch_pose is not None:
+      import torch_reference as tr  # pylint: disable=import-outside-toplevel
+      model = built.model()
+      deltadorsal.assign_params(model, tr.jax_params(torch_pose.net, backbone_config(s)),
+                                source="torch_reference")
+      is_trainable = optim.trainable_filter(backbone_config(s).depth, s.n_unfrozen)
+      _, trainable, frozen = nnx.split(model, is_trainable, ...)
+      state = dict(state, params=trainable, opt_state=built.tx.init(trainable))
+    self.state, self.frozen, self.consts = state, frozen, built.task.consts
+    self.compiled_step = None
+    graphdef = built.graphdef
+    self.forward = jax.jit(lambda p, f, img, base, prior:
+                           nnx.merge(graphdef, p, f)(img, base, prior)["theta"])
+    self.loss_fn = jax.jit(lambda p, f, batch, consts:
+                           built.task.loss(nnx.merge(graphdef, p, f), batch, consts)[0])
+
+  def batch(self, host):
+    return self.parallel.global_batch(self.mesh, host)
+
+  def compile_train_step(self, host) -> dict[str, float]:
+    """Times tracing+lowering and compilation of the train step; returns them and XLA's FLOPs."""
+    start = time.perf_counter()
+    lowered = self.built.train_step.lower(self.state, self.frozen, self.batch(host), self.consts)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    self.compiled_step = compiled  # the jit cache does not see AOT compilations: call this one
+    return {"trace_lower_s": traced - start, "compile_s": done - traced,
+            "xla_flops": _xla_flops(compiled)}
+
+  def train_step(self, host) -> dict[str, float]:
+    step = self.compiled_step or self.built.train_step
+    self.state, metrics = step(self.state, self.frozen, self.batch(host), self.consts)
+    return {k: float(v) for k, v in self.jax.device_get(metrics).items()}
+
+  def loss(self, host) -> float:
+    return float(self.loss_fn(self.state["params"], self.frozen, self.batch(host), self.consts))
+
+  def infer(self, host):
+    return self.forward(self.state["params"], self.frozen, host["img"], host["base_img"],
+                        host["hamer_pose"]).block_until_ready()
+
+  def infer_flops(self, host) -> float:
+    compiled = self.forward.lower(self.state["params"], self.frozen, host["img"],
+                                  host["base_img"], host["hamer_pose"]).compile()
+    return _xla_flops(compiled)
+
+
+def _xla_flops(compiled) -> float:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def bench_pose(s: Settings, peak: float, mano_dir: str) -> dict[str, Any]:
+  """Rows 1 and 2: train step and inference, samples/s and fraction of the matmul peak."""
+  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  host = host_batch(s)
+  torch_pose = TorchPose(s, mano_dir)
+  torch_first = _time(lambda: torch_pose.loss(host))
+  jax_pose = JaxPose(s, torch_pose)
+  parity = {"loss_torch": torch_pose.loss(host), "loss_jax": jax_pose.loss(host)}
+  compile_info = jax_pose.compile_train_step(host)
+  first = {"torch": _time(lambda: parity.update(step_torch=torch_pose.train_step(host))),
+           "jax": _time(lambda: parity.update(step_jax=jax_pose.train_step(host)))}
+  parity["rel_loss_diff"] = abs(parity["loss_jax"] / parity["loss_torch"] - 1)
+  parity["rel_step_loss_diff"] = abs(parity["step_jax"]["loss"] / parity["step_torch"] - 1)
+  config = backbone_config(s)
+  flops_train = tr.pose_step_flops(config, s.image_size, s.n_unfrozen) * s.batch
+  flops_infer = tr.pose_step_flops(config, s.image_size, s.n_unfrozen, train=False) * s.batch
+  train = compare({"torch": lambda: torch_pose.train_step(host),
+                   "jax": lambda: jax_pose.train_step(host)}, s.warmup - 1, s.repeats)
+  infer = compare({"torch": lambda: torch_pose.infer(host), "jax": lambda: jax_pose.infer(host)},
+                  s.warmup, s.repeats)
+  rows = {}
+  for name, times, flops, xla in (("train", train, flops_train, compile_info["xla_flops"]),
+                                  ("infer", infer, flops_infer, jax_pose.infer_flops(host))):
+    row = {"flops_per_sample_analytic": flops / s.batch, "flops_per_sample_xla": xla / s.batch}
+    for fw, ts in times.items():
+      sec = median(ts)
+      row[fw] = {"seconds": ts, "samples_per_s": s.batch / sec, "flops_per_s": flops / sec,
+                 "fraction_of_peak": flops / sec / peak}
+    row["ratio"] = row["jax"]["samples_per_s"] / row["torch"]["samples_per_s"]
+    rows[name] = row
+  rows["train"].update(parity=parity, first_step_s=first, compile=compile_info,
+                       torch_first_forward_s=torch_first)
+  return rows
+
+
+# ------------------------------------------------------------------ MANO
+
+
+def bench_mano(s: Settings, mano_dir: str) -> dict[str, Any]:
+  """Row 3: hands/s of jitted mano_forward and smplx's MANO (no grad), per batch size."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
+  from dd_jax.mano import model as mano_model  # pylint: disable=import-outside-toplevel
+  smplx_mano = tr.make_mano(mano_dir)
+  ours = mano_io.load_mano(os.path.join(mano_dir, "MANO_RIGHT.pkl"))
+  forward = jax.jit(lambda m, betas, pose: mano_model.mano_forward(m, betas, pose))
+  rows = {}
+  for b in s.mano_batches:
+    rng = np.random.default_rng(b)
+    betas = rng.standard_normal((b, 10)).astype(np.float32)
+    pose = (0.4 * rng.standard_normal((b, 45))).astype(np.float32)
+    tb, tp, zeros = torch.from_numpy(betas), torch.from_numpy(pose), torch.zeros(b, 3)
+    jb, jp = jax.device_put(betas), jax.device_put(pose)
+    compile_s = _time(lambda: jax.block_until_ready(forward(ours, jb, jp)))
+    got = forward(ours, jb, jp)
+    with torch.no_grad():
+      want = smplx_mano(betas=tb, hand_pose=tp, global_orient=zeros, transl=zeros)
+    err = float(np.max(np.abs(np.asarray(got.vertices) - want.vertices.numpy())))
+
+    def torch_call():
+      with torch.no_grad():
+        return smplx_mano(betas=tb, hand_pose=tp, global_orient=zeros, transl=zeros)
+
+    def jax_call():
+      return jax.block_until_ready(forward(ours, jb, jp))
+
+    # Calls per repeat sized so that each repeat lasts about mano_seconds.
+    calls = {name: max(1, int(s.mano_seconds / max(1e-6, _time(fn))))
+             for name, fn in (("torch", torch_call), ("jax", jax_call))}
+    times = compare({name: (lambda fn=fn, n=calls[name]: [fn() for _ in range(n)])
+                     for name, fn in (("torch", torch_call), ("jax", jax_call))},
+                    1, s.repeats)
+    row = {"first_call_s": compile_s, "max_abs_vertex_diff_m": err}
+    for name, ts in times.items():
+      row[name] = {"hands_per_s": b * calls[name] / median(ts), "calls_per_repeat": calls[name]}
+    row["ratio"] = row["jax"]["hands_per_s"] / row["torch"]["hands_per_s"]
+    rows[str(b)] = row
+  return rows
+
+
+# ------------------------------------------------------------------ input pipeline
+
+
+def synthetic_jpegs(size: int, count: int = 4, seed: int = 0) -> list[bytes]:
+  """JPEGs (quality 95) with photo-like content: smooth shading, edges and sensor noise."""
+  import cv2  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(count):
+    low = cv2.resize(rng.uniform(40, 220, (8, 8, 3)).astype(np.float32), (size, size),
+                     interpolation=cv2.INTER_CUBIC)
+    mid = cv2.resize(rng.normal(0, 20, (size // 8, size // 8, 3)).astype(np.float32),
+                     (size, size), interpolation=cv2.INTER_LINEAR)
+    image = np.clip(low + mid + rng.normal(0, 4, (size, size, 3)), 0, 255).astype(np.uint8)
+    ok, data = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    out.append(data.tobytes())
+  return out
+
+
+def bench_pipeline(s: Settings) -> dict[str, Any]:
+  """Row 4: per-sample decode + augment both images + resize + normalise, one process."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from dd_jax.data import samples, store  # pylint: disable=import-outside-toplevel
+  jpegs = synthetic_jpegs(s.crop_size)
+  augment, finalize = samples.Augment(), samples.Finalize(s.out_size)
+  transform = tr.TorchvisionStyleTransform(s.out_size, generator=torch.Generator().manual_seed(0))
+  n = s.pipeline_samples
+
+  def ours():
+    for i in range(n):
+      sample = {"img": store.decode_image(jpegs[i % 4], "img", i),
+                "base_img": store.decode_image(jpegs[(i + 1) % 4], "base", i), "valid": True}
+      sample = finalize.map(augment.random_map(sample, np.random.default_rng(i)))
+      assert sample["img"].shape == (s.out_size, s.out_size, 3)
+
+  def original():
+    for i in range(n):
+      img, _ = tr.original_sample(jpegs[i % 4], jpegs[(i + 1) % 4], transform)
+      assert img.shape == (3, s.out_size, s.out_size)
+
+  times = compare({"torch": original, "jax": ours}, 1, s.repeats)
+  row = {"crop_size": s.crop_size, "out_size": s.out_size}
+  for name, ts in times.items():
+    row[name] = {"samples_per_s": n / median(ts)}
+  row["ratio"] = row["jax"]["samples_per_s"] / row["torch"]["samples_per_s"]
+  return row
+
+
+# ------------------------------------------------------------------ memory (child processes)
+
+
+def peak_rss_mib() -> float:
+  """This process's peak resident memory. VmHWM, not ru_maxrss: Linux carries ru_maxrss over
+  fork + exec, so a child would report at least its parent's size."""
+  try:
+    with open("/proc/self/status", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024.0
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def child_memory(framework: str, s: Settings, mano_dir: str) -> dict[str, Any]:
+  """Peak RSS of a process that builds the pose model and runs `memory_steps` train steps."""
+  host = host_batch(s)
+  if framework == "torch":
+    import torch  # pylint: disable=import-outside-toplevel
+    set_threads(s.threads)
+    after_import = peak_rss_mib()
+    pose = TorchPose(s, mano_dir)
+  else:
+    import jax  # pylint: disable=import-outside-toplevel,unused-import
+    after_import = peak_rss_mib()
+    pose = JaxPose(s)
+  for _ in range(s.memory_steps):
+    pose.train_step(host)
+  leaked = [m for m in ("torch", "jax") if m != framework and m in sys.modules]
+  return {"peak_rss_mib": peak_rss_mib(), "after_import_mib": after_import, "other_framework": leaked}
+
+
+def bench_memory(s: Settings, mano_dir: str) -> dict[str, Any]:
+  row = {}
+  for framework in ("torch", "jax"):
+    cmd = [sys.executable, os.path.abspath(__file__), "--_child", framework, "--_settings",
+           json.dumps(dataclasses.asdict(s)), "--_mano_dir", mano_dir]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ))
+    row[framework] = json.loads(out.stdout.strip().splitlines()[-1])
+  row["ratio"] = row["jax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"]
+  return row
+
+
+# ------------------------------------------------------------------ compile time
+
+
+def compile_time(s: Settings, depth: int, n_unfrozen: int) -> dict[str, float]:
+  """Trace+lower and compile seconds of the train step on abstract inputs (nothing allocated)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from dd_jax import optim, steps, tasks  # pylint: disable=import-outside-toplevel
+  from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
+  config = pose_config(s, depth=depth, n_unfrozen=n_unfrozen)
+  task = tasks.make_task(config)
+  model = nnx.eval_shape(lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(0)))
+  graphdef, trainable, frozen = nnx.split(
+      model, optim.trainable_filter(depth, n_unfrozen), ...)
+  tx = optim.make_optimizer(config)
+  state = jax.eval_shape(lambda p: dict(step=jax.numpy.zeros((), "int32"), params=p,
+                                        opt_state=tx.init(p), plateau=optim.plateau_init(config),
+                                        rng=jax.random.key_data(jax.random.key(0))), trainable)
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch(s))
+  step = jax.jit(steps.make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
+  start = time.perf_counter()
+  lowered = step.lower(state, frozen, batch, task.consts)
+  traced = time.perf_counter()
+  lowered.compile()
+  return {"depth": depth, "n_unfrozen": n_unfrozen, "frozen_blocks": depth - n_unfrozen,
+          "trace_lower_s": traced - start, "compile_s": time.perf_counter() - traced}
+
+
+def bench_compile(s: Settings) -> dict[str, Any]:
+  """Row 6: compile time vs frozen blocks (depth grows at fixed n_unfrozen) and vs n_unfrozen."""
+  depth = backbone_config(s).depth
+  by_depth = [compile_time(s, d, min(s.n_unfrozen, d)) for d in s.compile_depths]
+  by_unfrozen = [compile_time(s, depth, n) for n in s.compile_unfrozen]
+  # Seconds per extra frozen block between consecutive depths: roughly constant = linear.
+  slopes = [(b["trace_lower_s"] + b["compile_s"] - a["trace_lower_s"] - a["compile_s"])
+            / max(1, b["frozen_blocks"] - a["frozen_blocks"])
+            for a, b in zip(by_depth, by_depth[1:])]
+  return {"by_depth": by_depth, "by_unfrozen": by_unfrozen, "seconds_per_frozen_block": slopes}
+
+
+# ------------------------------------------------------------------ report
+
+
+def machine_info() -> dict[str, Any]:
+  import jax  # pylint: disable=import-outside-toplevel
+  import torch  # pylint: disable=import-outside-toplevel
+  cpu = "unknown"
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                 cpu)
+  except OSError:
+    pass
+  return {"cpu": cpu, "cores_usable": cpu_threads(), "platform": platform.platform(),
+          "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "loadavg_start": os.getloadavg()}
+
+
+def fmt_rate(x: float, unit: str) -> str:
+  return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
+
+
+def table(results: dict[str, Any]) -> str:
+  """The README table: one line per measurement with dd_jax, PyTorch, ratio and the goal."""
+  lines = ["| row | dd_jax | PyTorch | ratio | goal |", "|---|---|---|---|---|"]
+  rows = results["rows"]
+  peak = results.get("matmul_peak", {}).get("best", float("nan"))
+  for name, title, goal in (("train", "pose train step", ">= 1.15x, >= 80% of peak"),
+                            ("infer", "pose inference", ">= 1.2x, >= 80% of peak")):
+    if name in rows:
+      r = rows[name]
+      cell = lambda fw: (f"{r[fw]['samples_per_s']:.2f} samples/s "
+                         f"({100 * r[fw]['fraction_of_peak']:.0f}%)")
+      lines.append(f"| {title} ({r['flops_per_sample_analytic'] / 1e9:.1f} GFLOP/sample) | "
+                   f"{cell('jax')} | {cell('torch')} | {r['ratio']:.2f}x | {goal} |")
+  for b, r in rows.get("mano", {}).items():
+    lines.append(f"| MANO forward, batch {b} (first call {r['first_call_s']:.1f} s) | "
+                 f"{fmt_rate(r['jax']['hands_per_s'], 'hands/s')} | "
+                 f"{fmt_rate(r['torch']['hands_per_s'], 'hands/s')} (smplx) | {r['ratio']:.1f}x | "
+                 ">= 5x at 1 and 1024; compile < 10 s |")
+  if "pipeline" in rows:
+    r = rows["pipeline"]
+    lines.append(f"| input pipeline ({r['crop_size']}px JPEG pair -> {r['out_size']}px) | "
+                 f"{r['jax']['samples_per_s']:.1f} samples/s | {r['torch']['samples_per_s']:.1f} "
+                 f"samples/s (torchvision emulated) | {r['ratio']:.2f}x | >= 2x |")
+  if "memory" in rows:
+    r = rows["memory"]
+    lines.append(f"| peak RSS, train step | {r['jax']['peak_rss_mib']:,.0f} MiB | "
+                 f"{r['torch']['peak_rss_mib']:,.0f} MiB | {r['ratio']:.2f}x | <= 1x |")
+  if "train" in rows:
+    c = rows["train"]["compile"]
+    lines.append(f"| first train step compile | {c['trace_lower_s'] + c['compile_s']:.1f} s "
+                 f"(trace {c['trace_lower_s']:.1f} + XLA {c['compile_s']:.1f}) | "
+                 f"first eager step {rows['train']['first_step_s']['torch']:.1f} s | | < 60 s |")
+  if "compile" in rows:
+    for r in rows["compile"]["by_depth"] + rows["compile"]["by_unfrozen"]:
+      lines.append(f"| compile, depth {r['depth']}, {r['n_unfrozen']} unfrozen | "
+                   f"{r['trace_lower_s'] + r['compile_s']:.1f} s | | | linear in frozen blocks |")
+  lines.append(f"\nfloat32 matmul peak (best of torch / XLA): {peak / 1e9:.0f} GFLOP/s")
+  return "\n".join(lines)
+
+
+def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs the requested rows; returns the results dict (what the JSON file holds)."""
+  s.threads = s.threads or cpu_threads()
+  set_threads(s.threads)
+  results: dict[str, Any] = {"machine": machine_info(), "settings": dataclasses.asdict(s),
+                             "rows": {}}
+  mano_dir = tempfile.mkdtemp(prefix="dd_jax_bench_mano_")
+  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  tr.make_mano(mano_dir)  # writes the synthetic MANO_RIGHT.pkl the children read
+  if {"train", "infer"} & set(rows):
+    log("matmul peak ...")
+    results["matmul_peak"] = matmul_peak(s.matmul_sizes)
+    log("pose train step and inference ...")
+    pose = bench_pose(s, results["matmul_peak"]["best"], mano_dir)
+    results["rows"].update({k: v for k, v in pose.items() if k in rows or k == "train"})
+    peak_after = matmul_peak(s.matmul_sizes)
+    results["matmul_peak_after"] = peak_after
+  if "mano" in rows:
+    log("MANO ...")
+    results["rows"]["mano"] = bench_mano(s, mano_dir)
+  if "pipeline" in rows:
+    log("input pipeline ...")
+    results["rows"]["pipeline"] = bench_pipeline(s)
+  if "memory" in rows:
+    log("peak memory (child processes) ...")
+    results["rows"]["memory"] = bench_memory(s, mano_dir)
+  if "compile" in rows:
+    log("compile times ...")
+    results["rows"]["compile"] = bench_compile(s)
+  results["machine"]["loadavg_end"] = os.getloadavg()
+  return results
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--quick", action="store_true", help="tiny model smoke check")
+  parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {ROWS}")
+  parser.add_argument("--json", default="bench_results.json", help="output path")
+  parser.add_argument("--repeats", type=int, default=0, help="override the repeat count")
+  parser.add_argument("--threads", type=int, default=0, help="0: every usable core")
+  parser.add_argument("--_child", help=argparse.SUPPRESS)
+  parser.add_argument("--_settings", help=argparse.SUPPRESS)
+  parser.add_argument("--_mano_dir", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args._child:  # pylint: disable=protected-access
+    fields = json.loads(args._settings)  # pylint: disable=protected-access
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    print(json.dumps(child_memory(args._child, s, args._mano_dir)))  # pylint: disable=protected-access
+    return
+  s = Settings.quick() if args.quick else Settings()
+  s.repeats = args.repeats or s.repeats
+  pin_cores(args.threads)  # before JAX starts: both frameworks then see the same cores
+  s.threads = args.threads
+  rows = tuple(r for r in args.rows.split(",") if r)
+  unknown = sorted(set(rows) - set(ROWS))
+  if unknown:
+    parser.error(f"unknown rows {unknown}; known: {ROWS}")
+  results = run(s, rows, log=lambda m: print(m, file=sys.stderr, flush=True))
+  with open(args.json, "w", encoding="utf-8") as f:
+    json.dump(results, f, indent=1, default=float)
+  print(table(results))
+  m = results["machine"]
+  print(f"{m['cpu']}, {m['cores_usable']} cores, load {m['loadavg_start'][0]:.1f} -> "
+        f"{m['loadavg_end'][0]:.1f}; jax {m['jax']}, torch {m['torch']}; JSON: {args.json}")
+
+
+if __name__ == "__main__":
+  main()
