@@ -94,14 +94,20 @@ def test_train_order_epochs_shards_and_augmentation(tiny):
     assert loader.batch_size == 2 and loader.steps_per_epoch == 6
     it = iter(loader)
     epochs[p] = [[b for b in _take(it, 6)] for _ in range(3)]
-  for p in range(2):
-    ids = [np.concatenate([b["frame_id"] for b in e]) for e in epochs[p]]
-    assert all(sorted(i) == sorted(ids[0]) for i in ids)  # each epoch: the whole shard once
-    assert len(set(ids[0])) == 12
-    assert any(not np.array_equal(ids[0], i) for i in ids[1:])  # reshuffled per epoch
-  shard0 = set(np.concatenate([b["frame_id"] for b in epochs[0][0]]))
-  shard1 = set(np.concatenate([b["frame_id"] for b in epochs[1][0]]))
-  assert not shard0 & shard1 and len(shard0 | shard1) == 24
+  for e in range(3):
+    # Each epoch: every frame once, split between the processes without overlap.
+    shard0 = np.concatenate([b["frame_id"] for b in epochs[0][e]])
+    shard1 = np.concatenate([b["frame_id"] for b in epochs[1][e]])
+    assert not set(shard0) & set(shard1) and len(set(shard0) | set(shard1)) == 24
+  ids = [np.concatenate([b["frame_id"] for b in e]) for e in epochs[0]]
+  assert any(not np.array_equal(ids[0], i) for i in ids[1:])  # reshuffled per epoch
+  # The global batch does not depend on the number of processes: process 0's and 1's halves
+  # are the single-process batch, augmentation included.
+  single = _take(iter(pipeline.make_train_loader(config, "pose", seed=3)), 6)
+  for i, whole in enumerate(single):
+    for key in whole:
+      np.testing.assert_array_equal(
+          np.concatenate([epochs[0][0][i][key], epochs[1][0][i][key]]), whole[key], err_msg=key)
   # Augmentation: the same frame looks different in two epochs; labels do not change.
   first = {int(f): (b["img"][i], b["gt_pose"][i]) for b in epochs[0][0]
            for i, f in enumerate(b["frame_id"])}

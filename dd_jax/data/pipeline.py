@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+from typing import Any
 
 import cv2
 import grain
@@ -100,27 +101,28 @@ def _seed(seed: int, stream: int) -> int:
 
 
 class TrainOrder:
-  """Epoch e, position i -> frame number: a fresh permutation of the shard each epoch.
+  """Global position -> frame number: a fresh permutation of ALL frames each epoch.
 
-  Each epoch keeps steps_per_epoch * batch_size frames of the permuted shard (drop remainder).
+  Each epoch keeps per_epoch = steps_per_epoch * global batch frames (drop remainder), as
+  torch's DistributedSampler does. Randomness is keyed by global position, so the global batch
+  (frames and augmentation) is the same whatever the number of processes.
   """
 
-  def __init__(self, shard: range, per_epoch: int, seed: int):
-    self.shard, self.per_epoch, self.seed = shard, per_epoch, seed
+  def __init__(self, num_frames: int, per_epoch: int, seed: int):
+    self.num_frames, self.per_epoch, self.seed = num_frames, per_epoch, seed
     self._cache: dict[int, np.ndarray] = {}
 
   def __len__(self) -> int:
     return self.per_epoch * _MAX_EPOCHS
 
   def __repr__(self) -> str:
-    return f"TrainOrder(shard={self.shard}, per_epoch={self.per_epoch}, seed={self.seed})"
+    return f"TrainOrder(num_frames={self.num_frames}, per_epoch={self.per_epoch}, seed={self.seed})"
 
   def permutation(self, epoch: int) -> np.ndarray:
     if epoch not in self._cache:
       if len(self._cache) > 2:
         self._cache.pop(min(self._cache))
-      rng = np.random.default_rng([self.seed, epoch])
-      self._cache[epoch] = np.asarray(self.shard)[rng.permutation(len(self.shard))]
+      self._cache[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_frames)
     return self._cache[epoch]
 
   def __getitem__(self, i: int) -> int:
@@ -129,6 +131,31 @@ class TrainOrder:
 
   def __getstate__(self):
     return {**self.__dict__, "_cache": {}}
+
+
+class ProcessPositions:
+  """This process's local index -> global position: its slice of every global batch."""
+
+  def __init__(self, process_index: int, process_count: int, local_batch: int):
+    self.process_index, self.process_count, self.local_batch = (process_index, process_count,
+                                                                local_batch)
+
+  def __len__(self) -> int:
+    return _MAX_EPOCHS * 10**6
+
+  def __getitem__(self, j: int) -> int:
+    batch_index, k = divmod(int(j), self.local_batch)
+    return (batch_index * self.process_count + self.process_index) * self.local_batch + k
+
+
+class _FromGlobal(grain.transforms.Map):
+  """Global position -> the finished sample of the global (seeded-by-position) dataset."""
+
+  def __init__(self, dataset: grain.MapDataset):
+    self._dataset = dataset
+
+  def map(self, position: int) -> dict[str, Any]:
+    return self._dataset[position]
 
 
 # ------------------------------------------------------------------ iterators
@@ -262,19 +289,21 @@ def make_train_loader(data_config, task: str, *, seed: int, process_index: int =
   int64, p_id (B,) int32, valid (B,) bool (False only for skipped bad frames).
   """
   reader = _reader(data_config, task, data_config.get("train_split", "train"))
-  batch = _per_process(int(data_config.batch_size), process_count, "batch_size")
-  shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-  start, end = even_split(len(reader), shard_options)
-  steps = (end - start) // batch
+  global_batch = int(data_config.batch_size)
+  batch = _per_process(global_batch, process_count, "batch_size")
+  steps = len(reader) // global_batch
   if steps == 0:
-    raise ValueError(f"train split: {len(reader)} frames give process {process_index} "
-                     f"{end - start}, fewer than one batch of {batch}")
-  order = TrainOrder(range(start, end), steps * batch, _seed(seed, 0))
-  ds = grain.MapDataset.source(order).random_map(samples.ReadSampleRandom(reader),
-                                                 seed=_seed(seed, 1))
+    raise ValueError(f"train split: {len(reader)} frames, fewer than one batch of {global_batch}")
+  # The whole run's sample stream, keyed by global position; this process computes only the
+  # positions of its slice of each global batch.
+  order = TrainOrder(len(reader), steps * global_batch, _seed(seed, 0))
+  samples_ds = grain.MapDataset.source(order).random_map(samples.ReadSampleRandom(reader),
+                                                         seed=_seed(seed, 1))
   if data_config.get("augment", True):
-    ds = ds.random_map(samples.Augment(), seed=_seed(seed, 2))
-  ds = ds.map(samples.Finalize(int(data_config.out_img_size)))
+    samples_ds = samples_ds.random_map(samples.Augment(), seed=_seed(seed, 2))
+  samples_ds = samples_ds.map(samples.Finalize(int(data_config.out_img_size)))
+  positions = ProcessPositions(process_index, process_count, batch)
+  ds = grain.MapDataset.source(positions).map(_FromGlobal(samples_ds))
   ds = ds.batch(batch, drop_remainder=True)
   return Loader(_finish(ds, int(data_config.get("num_workers", 0))), steps_per_epoch=steps,
                 batch_size=batch, num_frames=len(reader), name=f"{task} train", finite=False)

@@ -1,0 +1,376 @@
+"""Inference: a trained DeltaDorsal pose or force network applied to image arrays.
+
+`load(path)` puts a dd_jax run (its best checkpoint), one checkpoint step, or a converted original
+DeltaDorsal checkpoint on one device; a `Predictor` turns (image, base image[, HaMeR prior])
+into a finger pose and 21 keypoints, or a press class, preprocessing as the evaluation does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dd_jax import checkpointing, default_config, losses, optim, tasks
+from dd_jax.convert import lightning
+from dd_jax.data import store, transforms
+from dd_jax.data.egodorsal import MOTION_LABELS
+from dd_jax.mano import model as mano_model
+from dd_jax.models import deltadorsal
+
+FORCE_CLASS_NAMES = ("no_press",) + tuple(sorted(MOTION_LABELS, key=MOTION_LABELS.get))
+SYNTHETIC_MANO = "synthetic MANO-format hand (config.mano.path is empty): NOT the official MANO"
+
+
+class PriorRequiredError(ValueError):
+  """A pose model trained with use_prior was called without a HaMeR prior pose."""
+
+
+# ------------------------------------------------------------------------------ the predictor
+
+
+@dataclasses.dataclass
+class Predictor:
+  """A network on one device, jit-compiled once per batch size (inputs are resized to
+  `image_size` first, so the image size never causes a recompile)."""
+  config: ml_collections.ConfigDict
+  source: str  # what was loaded: checkpoint step folder or converted folder
+  graphdef: nnx.GraphDef
+  states: tuple[nnx.State, ...]  # (trainable, frozen): arguments of the compiled call
+  mano: mano_model.ManoModel | None  # pose only
+  mano_source: str | None  # MANO path or SYNTHETIC_MANO
+
+  def __post_init__(self):
+    graphdef = self.graphdef
+    if self.task == "pose":
+      def network(states, img, base_img, prior):
+        return nnx.merge(graphdef, *states)(img, base_img, prior)["theta"]
+    else:
+      def network(states, img, base_img, prior):
+        del prior
+        return nnx.merge(graphdef, *states)(img, base_img)
+    self._network = jax.jit(network)
+    self._keypoints = jax.jit(losses.pose_keypoints)
+    self._mesh = jax.jit(_mano_mesh)
+
+  @property
+  def task(self) -> str:
+    return self.config.task
+
+  @property
+  def image_size(self) -> int:
+    return int(self.config.data.out_img_size)
+
+  @property
+  def uses_prior(self) -> bool:
+    """Whether the network takes the HaMeR pose as input (pose models with head.use_prior)."""
+    return self.task == "pose" and bool(self.config.model.head.use_prior)
+
+  # ---------------------------------------------------------------------------- preprocessing
+
+  def preprocess(self, images: Sequence[np.ndarray], what: str = "image") -> np.ndarray:
+    """uint8 RGB (H, W, 3) arrays of any size -> (B, S, S, 3) float32 network input.
+
+    The evaluation pipeline's own transform (antialiased square resize, ImageNet normalisation).
+    """
+    return np.stack([transforms.to_model_input(_check_image(x, f"{what} {i}"), self.image_size)
+                     for i, x in enumerate(images)])
+
+  # ---------------------------------------------------------------------------- the calls
+
+  def __call__(self, image: np.ndarray, base_image: np.ndarray, prior=None, *,
+               betas: np.ndarray | None = None) -> dict[str, Any]:
+    """One pair -> pose: {pose (45,), keypoints (21, 3), betas (10,), forward_ms};
+    force: {label, probabilities (n_classes,), logits, forward_ms} (per group if out_dim > 1).
+
+    prior: None, a HaMeR .npy dict, a store.Prior, or a (45,) axis-angle / (15, 3, 3) pose.
+    betas: (10,) shape; default the prior's betas, else zeros (see `predict_batch`).
+    """
+    out = self.predict_batch([image], [base_image], None if prior is None else [prior],
+                             betas=None if betas is None else [betas])
+    return {k: v if k == "forward_ms" else v[0] for k, v in out.items()}
+
+  def predict_batch(self, images: Sequence[np.ndarray], base_images: Sequence[np.ndarray],
+                    priors: Sequence[Any] | None = None, *,
+                    betas: Sequence[np.ndarray] | None = None) -> dict[str, Any]:
+    """B pairs -> stacked outputs: pose (B, 45), keypoints (B, 21, 3), betas (B, 10) or
+    label (B,) / (B, out_dim), probabilities (B, [out_dim,] n_classes); forward_ms (the
+    network call for the whole batch, blocking; includes compilation on a new batch size).
+
+    Keypoints are MANO's 21 OpenPose keypoints in metres computed as the trainer does:
+    right hand, flat hand mean, zero global orientation and translation, shape `betas`
+    (the trainer uses the BASE image's HaMeR betas[0]): subtract keypoints[:, :1] for
+    wrist-relative coordinates.
+    """
+    if len(images) != len(base_images):
+      raise ValueError(f"{len(images)} images but {len(base_images)} base images")
+    n = len(images)
+    if n == 0:
+      raise ValueError("predict_batch needs at least one image pair")
+    parsed = [None] * n if priors is None else [parse_prior(p, f"prior {i}")
+                                                for i, p in enumerate(priors)]
+    if len(parsed) != n:
+      raise ValueError(f"{n} image pairs but {len(parsed)} priors")
+    prior_pose = np.zeros((n, 45), np.float32)
+    for i, p in enumerate(parsed):
+      if p is not None and p.hand_pose is not None:
+        prior_pose[i] = p.hand_pose
+      elif self.uses_prior:
+        raise PriorRequiredError(
+            f"pair {i}: this pose model was trained with model.head.use_prior=True and needs the "
+            "frame's HaMeR prior (a .npy dict with 'hand_pose'); none was given")
+    img = self.preprocess(images, "image")
+    base_img = self.preprocess(base_images, "base image")
+    raw, forward_ms = self.forward(img, base_img, prior_pose)
+    if self.task == "force":
+      logits = np.asarray(raw, np.float32)
+      probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+      label = np.argmax(logits, -1)
+      squeeze = (lambda x: x[:, 0]) if logits.shape[1] == 1 else (lambda x: x)
+      return {"label": squeeze(label), "probabilities": squeeze(probabilities),
+              "logits": squeeze(logits), "forward_ms": forward_ms}
+    shape = np.zeros((n, 10), np.float32)
+    for i, p in enumerate(parsed):
+      if betas is not None:
+        shape[i] = _vector(betas[i], 10, f"betas {i}")
+      elif p is not None and p.betas is not None:
+        shape[i] = p.betas
+    pose = np.asarray(raw, np.float32)
+    keypoints = np.asarray(self.keypoints(pose, shape))
+    return {"pose": pose, "keypoints": keypoints, "betas": shape, "forward_ms": forward_ms}
+
+  def forward(self, img: np.ndarray, base_img: np.ndarray, prior_pose: np.ndarray
+              ) -> tuple[jax.Array, float]:
+    """Preprocessed (B, S, S, 3) inputs [+ (B, 45) prior] -> (theta or logits, wall ms)."""
+    start = time.perf_counter()
+    out = jax.block_until_ready(self._network(self.states, img, base_img, prior_pose))
+    return out, 1000.0 * (time.perf_counter() - start)
+
+  def warm_up(self, batch_size: int = 1) -> float:
+    """Compiles the network for `batch_size` pairs; returns the seconds it took."""
+    zeros = np.zeros((batch_size, self.image_size, self.image_size, 3), np.float32)
+    _, ms = self.forward(zeros, zeros, np.zeros((batch_size, 45), np.float32))
+    if self.mano is not None:
+      self.keypoints(np.zeros((batch_size, 45), np.float32), np.zeros((batch_size, 10), np.float32))
+    return ms / 1000.0
+
+  def keypoints(self, pose: np.ndarray, betas: np.ndarray) -> jax.Array:
+    """(B, 45) axis-angle, (B, 10) betas -> (B, 21, 3) keypoints (losses.pose_keypoints)."""
+    return self._keypoints(self.mano, jnp.asarray(pose, jnp.float32),
+                           jnp.asarray(betas, jnp.float32))
+
+  def hand_mesh(self, pose: np.ndarray, betas: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(B, 45), (B, 10) -> vertices (B, 778, 3) in the keypoints' frame, faces (F, 3)."""
+    vertices = self._mesh(self.mano, jnp.asarray(pose, jnp.float32), jnp.asarray(betas, jnp.float32))
+    return np.asarray(vertices), np.asarray(self.mano.faces)
+
+
+def _mano_mesh(mano, pose, betas):
+  zeros = jnp.zeros((pose.shape[0], 3), pose.dtype)
+  return mano_model.mano_forward(mano, betas, pose, global_orient=zeros, transl=zeros,
+                                 flat_hand_mean=True).vertices
+
+
+def _check_image(image: Any, what: str) -> np.ndarray:
+  if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 \
+      or image.shape[2] != 3 or min(image.shape[:2]) < 2:
+    got = (f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray)
+           else type(image).__name__)
+    raise ValueError(f"{what}: expected a uint8 RGB array (H, W, 3), got {got}")
+  return image
+
+
+def _vector(value: Any, size: int, what: str) -> np.ndarray:
+  array = np.asarray(value, np.float32).reshape(-1)
+  if array.size != size or not np.all(np.isfinite(array)):
+    raise ValueError(f"{what}: expected {size} finite numbers, got shape {np.shape(value)}")
+  return array
+
+
+def parse_prior(prior: Any, what: str) -> store.Prior | None:
+  """A HaMeR dict / store.Prior / (45,) or (15, 3, 3) pose / None -> store.Prior or None."""
+  if prior is None or isinstance(prior, store.Prior):
+    return prior
+  if isinstance(prior, dict):
+    return store.parse_prior(prior, what, None)
+  try:
+    pose = store.pose_to_axis_angle(np.asarray(prior, np.float64), what)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{what}: not a HaMeR dict nor a pose ({e})") from None
+  return store.Prior(hand_pose=pose, betas=None, keypoints_3d=None, cam_t=None)
+
+
+# ------------------------------------------------------------------------------ files
+
+
+def read_image(path: str) -> np.ndarray:
+  """An image file -> uint8 RGB (H, W, 3); errors (store.FrameLoadError) name the file."""
+  return store.decode_image(store.read_file(path, None, "image"), path, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorFile:
+  """A HaMeR .npy file: the parsed prior and its raw (21, 2) keypoints_2d if it has them."""
+  path: str
+  prior: store.Prior
+  keypoints_2d: np.ndarray | None
+
+
+def read_prior(path: str) -> PriorFile:
+  """A HaMeR .npy dict, loaded without running code; bad files raise FrameLoadError naming it."""
+  raw = store.load_npy_dict(path, None)
+  prior = store.parse_prior(raw, path, None)
+  keypoints_2d = None
+  value = raw.get("keypoints_2d")
+  if value is not None:
+    try:
+      array = np.asarray(value, np.float64)
+      if array.size == 42 and np.all(np.isfinite(array)):
+        keypoints_2d = array.reshape(21, 2)
+    except (TypeError, ValueError):
+      pass  # only used to place the overlay; the prediction does not depend on it
+  return PriorFile(path, prior, keypoints_2d)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load(path: str, *, config: ml_collections.ConfigDict | None = None, step: int | None = None,
+         mano_path: str | None = None, image_size: int | None = None) -> Predictor:
+  """A Predictor from a dd_jax run folder / its checkpoints/ / one step folder (the best step
+  when several; `step` picks one), or a converted original checkpoint (deltadorsal.json +
+  params/, tools/convert_deltadorsal.py).
+
+  config: only for converted checkpoints (default: configs/pose.py or force.py with the
+    model settings stored in deltadorsal.json; input size 384, the paper's).
+  mano_path: MANO_RIGHT.pkl to use instead of the configured one.
+  image_size: network input size instead of the configured data.out_img_size.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint {path} does not exist")
+  if os.path.isfile(os.path.join(path, lightning.META_FILE)):
+    predictor_config, graphdef, states = _load_converted(path, config)
+    source = path
+  else:
+    if config is not None:
+      raise ValueError(f"{path}: a dd_jax run stores its own config; config= is only for "
+                       "converted original checkpoints")
+    try:
+      directory, found_step = checkpointing.resolve(path)
+    except FileNotFoundError as e:
+      raise FileNotFoundError(
+          f"{path}: neither a dd_jax run or checkpoint folder (checkpoints/<step>/state) nor a "
+          f"converted DeltaDorsal checkpoint ({lightning.META_FILE}); {e}") from None
+    predictor_config, graphdef, states, step = _load_run(directory,
+                                                         step if step is not None else found_step)
+    source = os.path.join(directory, str(step))
+  if image_size is not None:
+    predictor_config.data.out_img_size = int(image_size)
+  mano, mano_source = None, None
+  if predictor_config.task == "pose":
+    if mano_path is not None:
+      predictor_config.mano.path = mano_path
+    if predictor_config.mano.path and not os.path.isfile(predictor_config.mano.path):
+      raise FileNotFoundError(f"{predictor_config.mano.path}: the MANO model of {source} is not "
+                              "there; give its location (mano_path= / --mano)")
+    mano = tasks.load_mano_from_config(predictor_config)
+    mano_source = predictor_config.mano.path or SYNTHETIC_MANO
+  return Predictor(predictor_config, source, graphdef, states, mano, mano_source)
+
+
+def _single_device():
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _split(model_or_abstract, config):
+  depth = deltadorsal.backbone_config_from(config).depth
+  is_trainable = optim.trainable_filter(depth, config.model.backbone.n_unfrozen_blocks)
+  return nnx.split(model_or_abstract, is_trainable, ...)
+
+
+def _config_from_meta(meta: dict, where: str) -> ml_collections.ConfigDict:
+  if "config" not in meta:
+    raise ValueError(f"{where}: the checkpoint's meta holds no 'config'")
+  config = ml_collections.ConfigDict(json.loads(meta["config"]))
+  config.model.backbone.weights = ""  # the checkpoint holds the whole backbone
+  return config
+
+
+def _read_meta(directory: str, step: int) -> dict:
+  manager = checkpointing.make_manager(directory, "unused", "min", read_only=True)
+  try:
+    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  finally:
+    manager.close()
+
+
+def _load_run(directory: str, step: int | None):
+  """(config, graphdef, (trainable, frozen), step): only the parameters are read."""
+  if step is None:  # a run: its best checkpoint, as the trainer's test phase takes
+    probe = checkpointing.make_manager(directory, "unused", "min", read_only=True)
+    latest = probe.latest_step()
+    probe.close()
+    config = _config_from_meta(_read_meta(directory, latest), f"{directory}/{latest}")
+    manager = checkpointing.make_manager(directory, config.best_metric, config.best_mode,
+                                         read_only=True)
+    best = manager.best_step()
+    manager.close()
+    step = latest if best is None else best
+  state_dir = os.path.join(directory, str(step), "state")
+  if not os.path.isdir(state_dir):
+    raise FileNotFoundError(f"{state_dir}: no such checkpoint step (steps: "
+                            f"{ocp.utils.checkpoint_steps(directory)})")
+  config = _config_from_meta(_read_meta(directory, step), f"{directory}/{step}")
+  abstract = nnx.eval_shape(lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(config.seed)))
+  graphdef, trainable, frozen = _split(abstract, config)
+  sharding = _single_device()
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                        {"train": {"params": trainable}, "frozen": frozen})
+  with ocp.PyTreeCheckpointer() as checkpointer:
+    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))  # parameters only: no optimizer moments are read
+  return config, graphdef, (restored["train"]["params"], restored["frozen"]), step
+
+
+def _load_converted(path: str, config: ml_collections.ConfigDict | None):
+  meta = lightning.read_checkpoint_meta(path)
+  task = meta.get("task")
+  if config is None:
+    if task not in ("pose", "force"):
+      raise ValueError(f"{path}/{lightning.META_FILE}: task {task!r}, expected 'pose' or 'force'")
+    config = default_config.pose_config() if task == "pose" else default_config.force_config()
+    config.model = ml_collections.ConfigDict(meta["model"])
+  else:
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.task != task:
+      raise ValueError(f"{path}: a converted {task} checkpoint, but config.task is {config.task!r}")
+  config.model.backbone.weights = ""
+  model = deltadorsal.build_model(config, rngs=nnx.Rngs(config.seed))  # on the default device
+  lightning.apply_deltadorsal_checkpoint(model, path)
+  graphdef, trainable, frozen = _split(model, config)
+  return config, graphdef, (trainable, frozen)
+
+
+def from_model(config: ml_collections.ConfigDict, model: nnx.Module, *, source: str = "<model>",
+               mano_path: str | None = None) -> Predictor:
+  """A Predictor around an already built network (e.g. random weights for a benchmark)."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  graphdef, trainable, frozen = _split(model, config)
+  mano, mano_source = None, None
+  if config.task == "pose":
+    if mano_path is not None:
+      config.mano.path = mano_path
+    mano = tasks.load_mano_from_config(config)
+    mano_source = config.mano.path or SYNTHETIC_MANO
+  return Predictor(config, source, graphdef, (trainable, frozen), mano, mano_source)
