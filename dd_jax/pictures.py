@@ -6,17 +6,10 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dd_jax.data import render
+from dd_jax.data import render, transforms
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 PANEL_SIZE = 256
 GT_COLOR, PRIOR_COLOR, PRED_COLOR = (60, 120, 255), (255, 80, 60), (40, 220, 90)
-
-
-def denormalize(image: np.ndarray) -> np.ndarray:
-  """ImageNet-normalised (H, W, 3) float -> uint8 RGB."""
-  return np.clip((image * IMAGENET_STD + IMAGENET_MEAN) * 255.0, 0, 255).astype(np.uint8)
 
 
 def fit_affine_camera(points_3d: np.ndarray, points_2d: np.ndarray) -> np.ndarray:
@@ -43,8 +36,9 @@ def pose_panel(img: np.ndarray, base: np.ndarray, pred_kp: np.ndarray, gt_kp: np
   """
   size = PANEL_SIZE
   scale = size / img.shape[0]
-  image = cv2.resize(denormalize(img), (size, size), interpolation=cv2.INTER_LINEAR)
-  base_image = cv2.resize(denormalize(base), (size, size), interpolation=cv2.INTER_LINEAR)
+  picture = lambda x: cv2.resize(transforms.denormalise(x), (size, size),
+                                 interpolation=cv2.INTER_LINEAR)
+  image, base_image = picture(img), picture(base)
   overlay = image.copy()
   if gt_kp2d is not None:
     camera = fit_affine_camera(gt_kp, np.asarray(gt_kp2d) * scale)

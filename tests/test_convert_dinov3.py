@@ -18,6 +18,7 @@ import torch
 from flax import nnx
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
+from dd_jax import params as params_lib
 from dd_jax import safe_pickle
 from dd_jax.convert import dinov3 as convert_dinov3
 from dd_jax.convert import torch_file
@@ -148,7 +149,7 @@ def _forward(model, images):
 
 def jax_forward(config, params, images: torch.Tensor) -> dict:
   model = dinov3.DinoV3(config, rngs=nnx.Rngs(0))
-  dinov3.set_params(model, params)
+  params_lib.assign_params(model, params)
   out = _forward(model, jnp.asarray(images.numpy().transpose(0, 2, 3, 1)))
   return jax.tree.map(np.asarray, out)
 
@@ -365,8 +366,7 @@ def _tool():
   return module
 
 
-def test_tool_writes_a_checkpoint_that_build_backbone_loads(cases, tmp_path, capsys):
-  import ml_collections  # pylint: disable=g-import-not-at-top
+def test_tool_writes_a_checkpoint_that_load_weights_loads(cases, tmp_path, capsys):
   pth = cases["vit7b_like"][1]
   out_dir = tmp_path / "converted"
   assert _tool().main([pth, str(out_dir)]) == 0
@@ -378,15 +378,13 @@ def test_tool_writes_a_checkpoint_that_build_backbone_loads(cases, tmp_path, cap
   loaded_config, loaded = convert_dinov3.load_converted(out_dir)
   assert loaded_config == config
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
-  backbone = ml_collections.ConfigDict(dict(
-      variant="custom", custom=dict(dim=256, depth=2, num_heads=2, ffn="swiglu", ffn_hidden=512,
-                                    qkv_bias=False),
-      weights=str(out_dir), dtype="float32"))
-  model = dinov3.build_backbone(backbone, rngs=nnx.Rngs(0))
+  custom = dict(dim=256, depth=2, num_heads=2, ffn="swiglu", ffn_hidden=512, qkv_bias=False)
+  model = dinov3.DinoV3(dinov3.get_config("custom", **custom), rngs=nnx.Rngs(0))
+  dinov3.load_weights(model, str(out_dir))
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), params)
-  backbone.custom.depth = 3
+  deeper = dinov3.DinoV3(dinov3.get_config("custom", **{**custom, "depth": 3}), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="depth: checkpoint 2, config 3"):
-    dinov3.build_backbone(backbone, rngs=nnx.Rngs(0))
+    dinov3.load_weights(deeper, str(out_dir))
   assert _tool().main([pth, str(tmp_path / "x"), "--variant", "vitl16"]) == 1
   assert "not vitl16" in capsys.readouterr().err
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dd_jax import params as params_lib
 from dd_jax.models import dinov3
 
 SMALL = dict(dim=64, depth=3, num_heads=4, ffn="mlp", ffn_hidden=128, qkv_bias=True)
@@ -190,13 +191,13 @@ def test_state_layout_for_freezing_and_loading():
   params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
   params["blocks"][0]["ls1"]["gamma"] = np.zeros(64, np.float32)
   fresh = dinov3.DinoV3(model.config, rngs=nnx.Rngs(9))
-  dinov3.set_params(fresh, params)
+  params_lib.assign_params(fresh, params)
   np.testing.assert_array_equal(fresh.blocks[0].ls1.gamma[...], 0)
   del params["norm"]["bias"]
   params["blocks"][1]["mlp"]["fc1"]["kernel"] = np.zeros((3, 3), np.float32)
   params["extra"] = np.zeros(1)
   with pytest.raises(ValueError) as error:
-    dinov3.set_params(fresh, params, source="x.ckpt")
+    params_lib.assign_params(fresh, params, source="x.ckpt")
   message = str(error.value)
   assert "missing: norm.bias" in message and "unexpected: extra" in message
   assert "blocks.1.mlp.fc1.kernel: shape (3, 3), model expects (64, 128)" in message

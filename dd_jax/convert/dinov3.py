@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dd_jax import params as params_lib
 from dd_jax.convert import torch_file
 from dd_jax.models import dinov3 as dinov3_model
 from dd_jax.models.dinov3 import DinoV3Config
@@ -445,29 +446,12 @@ def convert(path: str | os.PathLike, variant: str | None = None, *,
 # ---------------------------------------------------------------------------------------------
 
 
-def _to_saved_tree(params: dict) -> dict:
-  return {str(k): _to_saved_tree(v) if isinstance(v, dict) else np.asarray(v, np.float32)
-          for k, v in params.items()}
-
-
-def _from_saved_tree(tree: dict, parent: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    key = int(key) if parent == "blocks" else key
-    out[key] = _from_saved_tree(value, str(key)) if isinstance(value, dict) else np.asarray(value)
-  return out
-
-
 def save_converted(out_dir: str | os.PathLike, config: DinoV3Config, params: dict, *,
                    source: str = "", notes: list[str] | None = None) -> None:
   """Writes `out_dir`/dinov3.json and `out_dir`/params (Orbax); replaces an earlier conversion."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
-  tree = _to_saved_tree(params)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, PARAMS_DIR), tree, force=True)
+  params_lib.save_tree(os.path.join(out_dir, PARAMS_DIR), params)
   meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
               variant=dinov3_model.variant_name(config), config=dataclasses.asdict(config),
               num_params=param_count(params), source=str(source),
@@ -478,9 +462,6 @@ def save_converted(out_dir: str | os.PathLike, config: DinoV3Config, params: dic
 
 def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
   """Reads a save_converted folder -> (config, params tree of np.float32, int block keys)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-
   out_dir = os.path.abspath(os.fspath(out_dir))
   meta_path = os.path.join(out_dir, CONFIG_FILE)
   if not os.path.isfile(meta_path):
@@ -495,23 +476,9 @@ def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
     config = DinoV3Config(**meta["config"])
   except (TypeError, ValueError) as e:
     raise ValueError(f"{meta_path}: bad config {meta.get('config')} ({e})") from None
-  params_path = os.path.join(out_dir, PARAMS_DIR)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    structure = checkpointer.metadata(params_path).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
-    tree = checkpointer.restore(params_path,
-                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return config, _from_saved_tree(tree)
+  return config, params_lib.load_tree(os.path.join(out_dir, PARAMS_DIR))
 
 
 def param_count(params: dict) -> int:
   """Number of scalars in a params tree (rope periods included)."""
-  return int(sum(np.size(x) for x in _leaves(params)))
-
-
-def _leaves(tree):
-  if isinstance(tree, dict):
-    for value in tree.values():
-      yield from _leaves(value)
-  else:
-    yield tree
+  return int(sum(np.size(x) for _, x in params_lib.flatten_params(params)))

@@ -21,10 +21,10 @@ import json
 import os
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
 
+from dd_jax import params as params_lib
 from dd_jax.convert import dinov3 as convert_dinov3
 from dd_jax.convert import torch_file
 from dd_jax.models import deltadorsal, dinov3
@@ -161,7 +161,7 @@ def _set(tree: dict, path: tuple, value) -> None:
 def expected_shapes(config) -> dict[str, tuple]:
   """Dotted path -> shape of every variable of build_model(config), without allocating it."""
   abstract = nnx.eval_shape(lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(0)))
-  return {".".join(str(p) for p in path): tuple(var.shape)
+  return {params_lib.path_str(path): tuple(var.shape)
           for path, var in nnx.to_flat_state(nnx.state(abstract))}
 
 
@@ -198,9 +198,7 @@ def lightning_state_dict_to_params(state_dict: dict[str, Any], config, *, source
     except convert_dinov3.ConversionError:
       file_config, backbone = wanted, None  # undetectable: convert as configured below
     if file_config != wanted:
-      diffs = [f"{f.name}: file {getattr(file_config, f.name)!r}, config "
-               f"{getattr(wanted, f.name)!r}" for f in dataclasses.fields(wanted)
-               if getattr(file_config, f.name) != getattr(wanted, f.name)]
+      diffs = dinov3.config_differences(file_config, wanted, found_as="file")
       problems.append(f"backbone is {dinov3.variant_name(file_config)}, config.model.backbone "
                       f"is {dinov3.variant_name(wanted)}: " + "; ".join(diffs))
     else:
@@ -244,8 +242,8 @@ def lightning_state_dict_to_params(state_dict: dict[str, Any], config, *, source
 
   # Every variable of the configured network, with its exact shape.
   expected = expected_shapes(config)
-  given = {".".join(str(p) for p in path): np.shape(v)
-           for path, v in deltadorsal.flatten_params(params)}
+  given = {params_lib.path_str(path): np.shape(v)
+           for path, v in params_lib.flatten_params(params)}
   optional = ("head.attn_pool.",)
   if "backbone" in params:  # otherwise already reported
     missing = sorted(k for k in expected if k not in given and not k.startswith(optional))
@@ -280,28 +278,12 @@ def convert_lightning(path: str | os.PathLike, config) -> tuple[dict, list[str]]
 # The converted format
 # ---------------------------------------------------------------------------------------------
 
-def _to_saved_tree(tree: dict) -> dict:
-  return {str(k): _to_saved_tree(v) if isinstance(v, dict) else np.asarray(v, np.float32)
-          for k, v in tree.items()}
-
-
-def _from_saved_tree(tree: dict, parent: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    key = int(key) if parent == "blocks" else key  # nnx.List indices
-    out[key] = _from_saved_tree(value, str(key)) if isinstance(value, dict) else np.asarray(value)
-  return out
-
-
 def save_deltadorsal_checkpoint(out_dir: str | os.PathLike, params: dict, config, *,
                                 source: str = "", notes: list[str] | None = None) -> None:
   """Writes out_dir/deltadorsal.json and out_dir/params (Orbax); replaces an earlier one."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   out_dir = os.path.abspath(os.fspath(out_dir))
   os.makedirs(out_dir, exist_ok=True)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    checkpointer.save(os.path.join(out_dir, PARAMS_DIR), _to_saved_tree(params), force=True)
+  params_lib.save_tree(os.path.join(out_dir, PARAMS_DIR), params)
   meta = dict(format=FORMAT, format_version=FORMAT_VERSION, task=config.task,
               model=config.model.to_dict(),
               backbone_config=dataclasses.asdict(deltadorsal.backbone_config_from(config)),
@@ -326,21 +308,13 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
 
 def load_deltadorsal_checkpoint(path: str | os.PathLike) -> dict:
   """A converted folder -> nested params (np.float32; backbone block keys int)."""
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
   read_checkpoint_meta(path)
-  params_path = os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR)
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    structure = checkpointer.metadata(params_path).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), structure)
-    tree = checkpointer.restore(params_path,
-                                args=ocp.args.PyTreeRestore(restore_args=restore_args))
-  return _from_saved_tree(tree)
+  return params_lib.load_tree(os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR))
 
 
 def apply_deltadorsal_checkpoint(model: deltadorsal.PoseNet | deltadorsal.ForceNet,
                                  path: str | os.PathLike) -> None:
   """Loads a converted folder into a built PoseNet / ForceNet (nnx.update, shardings kept)."""
   params = load_deltadorsal_checkpoint(path)
-  deltadorsal.assign_params(model, params, source=os.fspath(path),
-                            allow_missing=("head.attn_pool",))
+  params_lib.assign_params(model, params, source=os.fspath(path),
+                           allow_missing=("head.attn_pool",))

@@ -12,6 +12,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dd_jax.models import dinov3
+# Re-exported: tools/benchmark.py calls deltadorsal.assign_params.
+from dd_jax.params import assign_params  # pylint: disable=unused-import
 
 POOLS = ("avg", "attn")
 
@@ -338,72 +340,6 @@ def build_model(config, *, rngs: nnx.Rngs) -> PoseNet | ForceNet:
 # Loading weights into a built (possibly sharded) model
 # ---------------------------------------------------------------------------------------------
 
-def flatten_params(tree: Any, prefix: tuple = ()):
-  """Yields (path tuple, leaf) of a nested dict of arrays."""
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from flatten_params(value, prefix + (key,))
-  else:
-    yield prefix, tree
-
-
-def _path_str(path: tuple) -> str:
-  return ".".join(str(p) for p in path)
-
-
-def assign_params(module: nnx.Module, params: dict, *, source: str = "params",
-                  allow_missing: tuple[str, ...] = ()) -> None:
-  """Copies a nested dict of arrays (the layout of nnx.to_pure_dict(nnx.state(module)); block
-  indices int or str) into `module` with nnx.update.
-
-  Every nnx.Param must be given with its exact shape, except paths starting with one of
-  `allow_missing` (dotted prefixes); other variables (RoPE periods) are optional. Arrays take
-  the existing variables' dtype and sharding, so this works on a sharded model. All problems
-  are reported at once.
-  """
-  state = nnx.state(module)
-  current = {_path_str(path): (path, var) for path, var in nnx.to_flat_state(state)}
-  given = {_path_str(path): value for path, value in flatten_params(params)}
-  problems = []
-  unexpected = sorted(set(given) - set(current))
-  missing = sorted(k for k, (_, var) in current.items()
-                   if k not in given and isinstance(var, nnx.Param)
-                   and not any(k == p or k.startswith(p + ".") for p in allow_missing))
-  if missing:
-    problems.append(f"missing ({len(missing)}): " + ", ".join(missing))
-  if unexpected:
-    problems.append(f"unexpected ({len(unexpected)}): " + ", ".join(unexpected))
-  for key, value in given.items():
-    if key in current and tuple(jnp.shape(value)) != tuple(current[key][1].shape):
-      problems.append(f"{key}: shape {tuple(jnp.shape(value))}, model expects "
-                      f"{tuple(current[key][1].shape)}")
-  if problems:
-    raise ValueError(f"{source}: does not fit the {type(module).__name__}:\n  "
-                     + "\n  ".join(problems))
-  pure: dict = {}
-  for key, value in given.items():
-    path, var = current[key]
-    old = var[...]
-    new = jnp.asarray(value, dtype=var.dtype)
-    if isinstance(old, jax.Array):
-      new = jax.device_put(new, old.sharding)
-    node = pure
-    for part in path[:-1]:
-      node = node.setdefault(part, {})
-    node[path[-1]] = new
-  nnx.replace_by_pure_dict(state, pure)
-  nnx.update(module, state)
-
-
 def load_backbone_weights(model: PoseNet | ForceNet, path: str) -> None:
   """Loads a converted DINOv3 folder (tools/convert_dinov3.py) into model.backbone."""
-  from dd_jax.convert import dinov3 as convert_dinov3  # pylint: disable=import-outside-toplevel
-  file_config, params = convert_dinov3.load_converted(path)
-  config = model.backbone.config
-  if file_config != config:
-    diffs = [f"{name}: checkpoint {getattr(file_config, name)!r}, model {getattr(config, name)!r}"
-             for name in config.__dataclass_fields__
-             if getattr(file_config, name) != getattr(config, name)]
-    raise ValueError(f"{path}: the converted backbone ({dinov3.variant_name(file_config)}) is not "
-                     f"the configured one ({dinov3.variant_name(config)}): " + "; ".join(diffs))
-  assign_params(model.backbone, params, source=path)
+  dinov3.load_weights(model.backbone, path)

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dd_jax import params as params_lib
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
@@ -375,65 +377,23 @@ def count_params(model: nnx.Module) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
-def set_params(model: DinoV3, params: dict, *, source: str = "params") -> None:
-  """Copies a nested dict (the layout of nnx.to_pure_dict(nnx.state(model))) into `model`.
+def config_differences(found: DinoV3Config, wanted: DinoV3Config, *, found_as: str) -> list[str]:
+  """["depth: {found_as} 2, config 3", ...] for every field where `found` differs from `wanted`."""
+  return [f"{f.name}: {found_as} {getattr(found, f.name)!r}, config {getattr(wanted, f.name)!r}"
+          for f in dataclasses.fields(wanted) if getattr(found, f.name) != getattr(wanted, f.name)]
 
-  Every variable must be given with its exact shape; all problems are reported at once.
+
+def load_weights(model: DinoV3, path: str) -> None:
+  """Loads a converted DINOv3 folder (tools/convert_dinov3.py) into `model`.
+
+  The folder's architecture must equal `model.config`; otherwise every differing field is named.
   """
-  state = nnx.state(model)
-  expected = {path: v.shape for path, v in nnx.to_flat_state(state)}
-  given = dict(_flatten(params))
-  problems = []
-  missing = [p for p in expected if p not in given]
-  unexpected = [p for p in given if p not in expected]
-  if missing:
-    problems.append("missing: " + ", ".join(_path_str(p) for p in missing))
-  if unexpected:
-    problems.append("unexpected: " + ", ".join(_path_str(p) for p in unexpected))
-  for path, shape in expected.items():
-    if path in given and tuple(np.shape(given[path])) != tuple(shape):
-      problems.append(f"{_path_str(path)}: shape {tuple(np.shape(given[path]))}, "
-                      f"model expects {tuple(shape)}")
-  if problems:
-    raise ValueError(f"{source}: does not fit the DinoV3 model ({model.config}):\n  "
-                     + "\n  ".join(problems))
-  nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params))
-  nnx.update(model, state)
-
-
-def build_backbone(backbone_config, *, rngs: nnx.Rngs) -> DinoV3:
-  """A DinoV3 from the `config.model.backbone` ConfigDict (variant, custom, dtype, weights).
-
-  With `weights` set, the converted checkpoint (tools/convert_dinov3.py) is loaded; its
-  architecture must equal the configured variant's, otherwise every differing field is named.
-  """
-  custom = dict(backbone_config.get("custom", {}) or {})
-  config = get_config(backbone_config.variant, **custom)
-  dtype = jnp.dtype(backbone_config.get("dtype", "float32"))
-  model = DinoV3(config, dtype=dtype, rngs=rngs)
-  weights = backbone_config.get("weights", "")
-  if weights:
-    from dd_jax.convert import dinov3 as convert_dinov3  # pylint: disable=g-import-not-at-top
-    file_config, params = convert_dinov3.load_converted(weights)
-    if file_config != config:
-      diffs = [f"{f.name}: checkpoint {getattr(file_config, f.name)!r}, "
-               f"config {getattr(config, f.name)!r}"
-               for f in dataclasses.fields(config)
-               if getattr(file_config, f.name) != getattr(config, f.name)]
-      raise ValueError(
-          f"{weights}: converted backbone is {variant_name(file_config)} but "
-          f"config.model.backbone.variant={backbone_config.variant!r} differs: " + "; ".join(diffs))
-    set_params(model, params, source=weights)
-  return model
-
-
-def _flatten(tree: Any, prefix: tuple = ()):
-  if isinstance(tree, dict):
-    for key, value in tree.items():
-      yield from _flatten(value, prefix + (key,))
-  else:
-    yield prefix, tree
-
-
-def _path_str(path: tuple) -> str:
-  return ".".join(str(p) for p in path)
+  # Imported here: dd_jax.convert.dinov3 imports this module.
+  from dd_jax.convert import dinov3 as convert_dinov3  # pylint: disable=import-outside-toplevel
+  file_config, params = convert_dinov3.load_converted(path)
+  config = model.config
+  if file_config != config:
+    raise ValueError(f"{path}: the converted backbone ({variant_name(file_config)}) is not "
+                     f"the configured one ({variant_name(config)}): "
+                     + "; ".join(config_differences(file_config, config, found_as="checkpoint")))
+  params_lib.assign_params(model, params, source=path)
