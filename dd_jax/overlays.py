@@ -17,6 +17,9 @@ from dd_jax.data.egodorsal import CROP_KEYPOINTS
 MIN_SIDE = 384  # small network-sized crops are enlarged so the drawing stays legible
 PRIOR_COLOR = pictures.PRIOR_COLOR
 MESH_COLOR = (150, 200, 150)
+# Light travelling into the scene (+z) from the upper left; render_mesh's default comes from
+# behind the hand and leaves camera-facing triangles at the ambient level.
+LIGHT_DIR = (0.3, 0.4, 1.0)
 
 
 def place_prior_keypoints(keypoints_2d: np.ndarray | None, width: int, height: int
@@ -71,7 +74,7 @@ def _affine_render(background: np.ndarray, vertices: np.ndarray, faces: np.ndarr
   camera_points = np.stack([uv[:, 0] * z / far, uv[:, 1] * z / far, z], 1)
   K = np.diag([far, far, 1.0])
   return render.render_mesh(camera_points, faces, K, (width, height), background=background,
-                            color=MESH_COLOR, alpha=0.55)
+                            color=MESH_COLOR, alpha=0.55, light_dir=LIGHT_DIR)
 
 
 def _project(camera: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -91,10 +94,12 @@ def _scale_pixels(points: np.ndarray, scale: float) -> np.ndarray:
 
 
 def _label(picture: np.ndarray, text: str, row: int = 0) -> None:
-  cv2.putText(picture, text, (6, 18 + 18 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3,
-              cv2.LINE_AA)
-  cv2.putText(picture, text, (6, 18 + 18 * row), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
-              (255, 255, 255), 1, cv2.LINE_AA)
+  """White text on a dark band, in place; `row` counts lines from the top."""
+  font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.45
+  (w, h), baseline = cv2.getTextSize(text, font, scale, 1)
+  y = 6 + (h + baseline + 4) * row
+  picture[y:y + h + baseline + 4, 2:min(w + 10, picture.shape[1])] //= 3
+  cv2.putText(picture, text, (6, y + h + 2), font, scale, (255, 255, 255), 1, cv2.LINE_AA)
 
 
 def canonical_camera(keypoints: np.ndarray, size: int) -> np.ndarray:
