@@ -106,7 +106,7 @@ def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
   if arg == "demo":
     c.data.data_dir = "_cache/synthetic_egodorsal"
     c.data.synthetic.enabled = True
-    c.data.out_img_size = 64
+    c.data.out_img_size = 96
     c.data.batch_size = 16
     c.data.eval_batch_size = 32
     c.data.num_workers = 0
@@ -116,7 +116,7 @@ def apply_preset(c: ml_collections.ConfigDict, arg: str | None) -> ml_collection
     c.model.backbone.n_unfrozen_blocks = 4
     c.model.backbone.dtype = "float32"
     c.model.change.out_dim = 64
-    c.max_epochs = 20
+    c.max_epochs = 30
     if c.task == "pose":
       c.model.head.use_prior = True  # the residual head starts AT the prior: beating it is learning
     return c
@@ -136,7 +136,7 @@ def force_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model.head.hidden = 512
   c.model.head.pool = "avg"
   c.loss = ml_collections.ConfigDict()
-  c.loss.class_counts = (30714, 1860, 1860, 1860, 1860, 1860, 1860)
+  c.loss.class_counts = (30714, 1860, 1860, 1860, 1860, 1860, 1860)  # () = count the train split
   c.optimizer.lr = 5e-4
   c.optimizer.plateau_patience = 10
   c.best_metric = "val/acc"
@@ -144,5 +144,6 @@ def force_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = apply_preset(c, arg)
   if arg == "demo":
     c.model.backbone.n_unfrozen_blocks = 4  # a from-scratch backbone must learn
-    c.max_epochs = 8
+    c.loss.class_counts = ()  # the synthetic set's own class balance
+    c.max_epochs = 30
   return c

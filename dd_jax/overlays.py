@@ -19,7 +19,6 @@ PRIOR_COLOR = pictures.PRIOR_COLOR
 MESH_COLOR = (150, 200, 150)
 # Light travelling into the scene (+z) from the upper left; render_mesh's default comes from
 # behind the hand and leaves camera-facing triangles at the ambient level.
-LIGHT_DIR = (0.3, 0.4, 1.0)
 
 
 def place_prior_keypoints(keypoints_2d: np.ndarray | None, width: int, height: int
@@ -74,7 +73,7 @@ def _affine_render(background: np.ndarray, vertices: np.ndarray, faces: np.ndarr
   camera_points = np.stack([uv[:, 0] * z / far, uv[:, 1] * z / far, z], 1)
   K = np.diag([far, far, 1.0])
   return render.render_mesh(camera_points, faces, K, (width, height), background=background,
-                            color=MESH_COLOR, alpha=0.55, light_dir=LIGHT_DIR)
+                            color=MESH_COLOR, alpha=0.55)
 
 
 def _project(camera: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -50,6 +50,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   # ---------------------------------------------------------------- data, model, optimizer
   pipeline.prepare(config.data, config.task)  # synthetic set on first use; validation pass
+  if config.task == "force" and not config.loss.class_counts:
+    config.loss.class_counts = pipeline.class_counts(config.data, config.data.train_split,
+                                                     config.model.head.n_classes)
+    log.info("loss.class_counts from the train split: %s", config.loss.class_counts)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   built = train_state.build(config, mesh)
   task, state, frozen = built.task, built.state, built.frozen

@@ -329,6 +329,14 @@ def make_eval_loader(data_config, task: str, split: str, *, process_index: int =
                 batch_size=batch, num_frames=len(reader), name=f"{task} {split}", finite=True)
 
 
+def class_counts(data_config, split: str, n_classes: int) -> tuple[int, ...]:
+  """Frames per force class in a split, from the JSON metadata alone (no image is read)."""
+  index, frames = select(data_config, split)
+  thresh = float(data_config.get("fsr_thresh", 0.2))
+  labels = [samples.tap_label(f, index.trials[f.trial_id], thresh) for f in frames]
+  return tuple(int(c) for c in np.bincount(labels, minlength=n_classes)[:n_classes])
+
+
 def prepare(data_config, task: str) -> None:
   """Before training: generate the synthetic set if configured and missing, then validate."""
   synthetic = data_config.get("synthetic", None)

@@ -121,12 +121,13 @@ def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
 
 def render_mesh(vertices: np.ndarray, faces: np.ndarray, K: np.ndarray,
                 image_size: tuple[int, int], *, background: np.ndarray | None = None,
-                color=(170, 190, 230), alpha: float = 1.0, light_dir=(0.3, -0.4, -1.0),
+                color=(170, 190, 230), alpha: float = 1.0, light_dir=(0.3, 0.4, 1.0),
                 ambient: float = 0.35) -> np.ndarray:
   """Lambert-shaded mesh over `background` (H, W, 3) uint8 RGB (black if None) -> uint8 RGB.
 
   vertices (V, 3) are in the camera frame (metres, +z forward); image_size is (width, height).
-  alpha < 1 blends the mesh over the background (overlays).
+  light_dir is the direction the light travels (from the light into the scene, camera frame):
+  the default comes from above-left of the camera. alpha < 1 blends the mesh over the background.
   """
   width, height = image_size
   raster = rasterize(vertices, faces, K, image_size)

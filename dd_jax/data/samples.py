@@ -47,6 +47,12 @@ def motion_label(trial) -> tuple[int, np.ndarray]:
                                                       np.float32)
 
 
+def tap_label(frame, trial, fsr_thresh: float) -> int:
+  """0 (no press) when the FSR reads below fsr_thresh, else the trial's motion class."""
+  label, _ = motion_label(trial)
+  return 0 if float(frame.fsr_reading) < fsr_thresh else label
+
+
 def _require(prior: Prior, field: str, path_hint: str, frame_id: int):
   value = getattr(prior, field)
   if value is None:
@@ -134,7 +140,7 @@ class SampleReader:
       sample["gt_pose"] = store.frame_ground_truth(frame)
     else:
       fsr = float(frame.fsr_reading)
-      sample["tap_label"] = np.int32(0 if fsr < self.options.fsr_thresh else label)
+      sample["tap_label"] = np.int32(tap_label(frame, trial, self.options.fsr_thresh))
       sample["force"] = (fsr * fingers).astype(np.float32)
       sample["fsr"] = np.float32(fsr)
     return sample
