@@ -27,18 +27,9 @@ def pose_data_config(data_dir, **overrides):
   return data
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  """3 participants x 2 trials x 4 frames (shared by the data test modules of a session)."""
-  path = str(tmp_path_factory.getbasetemp() / "egodorsal_tiny")
-  synthetic.ensure_synthetic_dataset(path, participants=3, trials=2, frames=4, image_size=256,
-                                     seed=0)
-  return path
-
-
-def _copy(tiny, tmp_path):
+def _copy(tiny_dataset, tmp_path):
   dst = tmp_path / "set"
-  shutil.copytree(tiny, dst)
+  shutil.copytree(tiny_dataset, dst)
   return str(dst)
 
 
@@ -53,13 +44,13 @@ def _edit_json(path, fn):
 # ------------------------------------------------------------------ readers and selection
 
 
-def test_index_and_splits_match_generator(tiny):
-  index = egodorsal.load_index(tiny)
+def test_index_and_splits_match_generator(tiny_dataset):
+  index = egodorsal.load_index(tiny_dataset)
   assert sorted(index.bases) == [1, 2, 3] and all(len(b) == 2 for b in index.bases.values())
   assert len(index.trials) == 6
   trial = index.trials[1]
   assert trial.K.shape == (3, 3) and trial.d.shape == (5,) and trial.world2cam.shape == (4, 4)
-  with open(os.path.join(tiny, "trials.json")) as f:
+  with open(os.path.join(tiny_dataset, "trials.json")) as f:
     raw = json.load(f)["trials"][0]
   np.testing.assert_array_equal(trial.K, np.asarray(raw["K"]))
   assert trial.motion_type == raw["motion_type"]
@@ -69,7 +60,7 @@ def test_index_and_splits_match_generator(tiny):
   for split in ("train", "val", "test"):
     frames = egodorsal.select_frames(index, split)
     assert {f.p_id for f in frames} == set(expected[split])
-    assert all(os.path.isabs(f.img_path) and f.img_path.startswith(tiny) for f in frames)
+    assert all(os.path.isabs(f.img_path) and f.img_path.startswith(tiny_dataset) for f in frames)
   # A participant list overrides the split; sample_ratio keeps every int(1/r)-th frame.
   sel = egodorsal.select_frames(index, "val", participants=[1, 3])
   assert {f.p_id for f in sel} == {1, 3} and len(sel) == 16
@@ -78,9 +69,9 @@ def test_index_and_splits_match_generator(tiny):
   assert len(egodorsal.select_frames(index, "all", sample_ratio=0.3)) == 8  # int(1/0.3) = 3
 
 
-def test_leave_one_out_roles(tiny):
-  config = pose_data_config(tiny, leave_one_out=True, val_participants=(2,), test_participants=(3,))
-  index = egodorsal.load_index(tiny)
+def test_leave_one_out_roles(tiny_dataset):
+  config = pose_data_config(tiny_dataset, leave_one_out=True, val_participants=(2,), test_participants=(3,))
+  index = egodorsal.load_index(tiny_dataset)
   assert egodorsal.resolve_split(config, "train", index) == ("all", (1,))
   assert egodorsal.resolve_split(config, "val", index) == ("all", (2,))
   assert egodorsal.resolve_split(config, "test", index) == ("all", (3,))
@@ -88,7 +79,7 @@ def test_leave_one_out_roles(tiny):
   assert egodorsal.resolve_split(config, "train", index) == ("all", (1,))
   _, frames = pipeline.select(config, "train")
   assert {f.p_id for f in frames} == {1}
-  bad = pose_data_config(tiny, leave_one_out=True, val_participants=(2,), test_participants=(2, 9))
+  bad = pose_data_config(tiny_dataset, leave_one_out=True, val_participants=(2,), test_participants=(2, 9))
   with pytest.raises(DatasetFormatError) as e:
     pipeline.validate_dataset(bad)
   assert "[9]" in str(e.value) and "both" in str(e.value)
@@ -106,10 +97,10 @@ def test_distortion_lengths():
 # ------------------------------------------------------------------ validation
 
 
-def test_validation_passes_and_is_fast_on_many_frames(tiny, tmp_path):
-  assert "24 frames" in pipeline.validate_dataset(pose_data_config(tiny), splits=["all"])
+def test_validation_passes_and_is_fast_on_many_frames(tiny_dataset, tmp_path):
+  assert "24 frames" in pipeline.validate_dataset(pose_data_config(tiny_dataset), splits=["all"])
   # 170k frames referencing existing files: JSON + directory listings only.
-  root = _copy(tiny, tmp_path)
+  root = _copy(tiny_dataset, tmp_path)
   with open(os.path.join(root, "frames.json")) as f:
     data = json.load(f)
   base = data["frames"]
@@ -122,8 +113,8 @@ def test_validation_passes_and_is_fast_on_many_frames(tiny, tmp_path):
   assert time.perf_counter() - start < 20.0
 
 
-def test_validation_lists_every_problem(tiny, tmp_path):
-  root = _copy(tiny, tmp_path)
+def test_validation_lists_every_problem(tiny_dataset, tmp_path):
+  root = _copy(tiny_dataset, tmp_path)
   os.remove(os.path.join(root, "trials", "PARTICIPANT_001", "TRIAL_001", "hamer", "frame_00001.npy"))
   os.remove(os.path.join(root, "trials", "PARTICIPANT_002", "TRIAL_003", "cropped_images",
                          "frame_00002.jpg"))
@@ -144,7 +135,7 @@ def test_validation_lists_every_problem(tiny, tmp_path):
   assert "frame 5: unknown trial 999" in message
   assert "frame 6" in message and "missing ann_path" in message
   assert "cropped_base_idx 7" in message
-  frames_of_p3 = [f for f in egodorsal.select_frames(egodorsal.load_index(tiny), "all")
+  frames_of_p3 = [f for f in egodorsal.select_frames(egodorsal.load_index(tiny_dataset), "all")
                   if f.p_id == 3 and f.cropped_base_idx == 1]
   if frames_of_p3:
     assert "base_001.npy not found" in message

@@ -15,22 +15,14 @@ from test_data_format import pose_data_config
 SIZE = 24
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = str(tmp_path_factory.getbasetemp() / "egodorsal_tiny")
-  synthetic.ensure_synthetic_dataset(path, participants=3, trials=2, frames=4, image_size=256,
-                                     seed=0)
-  return path
-
-
 def _config(root, **kw):
   return pose_data_config(root, out_img_size=SIZE, train_split="all", **kw)
 
 
 @pytest.mark.parametrize("process_count", [1, 2, 3])
-def test_eval_yields_every_frame_exactly_once(tiny, process_count):
+def test_eval_yields_every_frame_exactly_once(tiny_dataset, process_count):
   per_process = 5  # does not divide the 24 frames or the shards
-  config = _config(tiny, eval_batch_size=per_process * process_count)
+  config = _config(tiny_dataset, eval_batch_size=per_process * process_count)
   seen, lengths = [], set()
   for p in range(process_count):
     loader = pipeline.make_eval_loader(config, "pose", "all", process_index=p,
@@ -65,8 +57,8 @@ def _assert_same(batches_a, batches_b):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_resume_gives_the_same_next_batches(tiny, tmp_path, num_workers):
-  config = _config(tiny, batch_size=4, num_workers=num_workers)
+def test_train_resume_gives_the_same_next_batches(tiny_dataset, tmp_path, num_workers):
+  config = _config(tiny_dataset, batch_size=4, num_workers=num_workers)
   loader = pipeline.make_train_loader(config, "pose", seed=7)
   assert loader.steps_per_epoch == 6
   it = iter(loader)
@@ -86,8 +78,8 @@ def test_train_resume_gives_the_same_next_batches(tiny, tmp_path, num_workers):
   restored.close()
 
 
-def test_train_order_epochs_shards_and_augmentation(tiny):
-  config = _config(tiny, batch_size=4)
+def test_train_order_epochs_shards_and_augmentation(tiny_dataset):
+  config = _config(tiny_dataset, batch_size=4)
   epochs = {}
   for p in range(2):
     loader = pipeline.make_train_loader(config, "pose", seed=3, process_index=p, process_count=2)
@@ -125,8 +117,8 @@ def test_train_order_epochs_shards_and_augmentation(tiny):
   assert not all(np.array_equal(a["frame_id"], b["frame_id"]) for a, b in zip(other, again))
 
 
-def test_no_augmentation_when_disabled(tiny):
-  config = _config(tiny, batch_size=4, augment=False)
+def test_no_augmentation_when_disabled(tiny_dataset):
+  config = _config(tiny_dataset, batch_size=4, augment=False)
   train = _take(iter(pipeline.make_train_loader(config, "pose", seed=0)), 6)
   evaluation = {int(f): img for b in pipeline.make_eval_loader(config, "pose", "all")
                 for f, img in zip(b["frame_id"], b["img"]) if f >= 0}
@@ -136,17 +128,17 @@ def test_no_augmentation_when_disabled(tiny):
       assert np.abs(img - evaluation[int(f)]).max() < 0.02
 
 
-def test_batch_size_must_divide(tiny):
+def test_batch_size_must_divide(tiny_dataset):
   with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-    pipeline.make_train_loader(_config(tiny, batch_size=4), "pose", seed=0, process_index=0,
+    pipeline.make_train_loader(_config(tiny_dataset, batch_size=4), "pose", seed=0, process_index=0,
                                process_count=3)
   with pytest.raises(ValueError, match="fewer than one batch"):
-    pipeline.make_train_loader(_config(tiny, batch_size=48), "pose", seed=0)
+    pipeline.make_train_loader(_config(tiny_dataset, batch_size=48), "pose", seed=0)
 
 
-def _break_two_frames(tiny, tmp_path):
+def _break_two_frames(tiny_dataset, tmp_path):
   root = str(tmp_path / "bad")
-  shutil.copytree(tiny, root)
+  shutil.copytree(tiny_dataset, root)
   with open(os.path.join(root, "frames.json")) as f:
     frames = json.load(f)["frames"]
   bad_image = os.path.join(root, "trials", frames[9]["cropped_img_path"])
@@ -158,8 +150,8 @@ def _break_two_frames(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_bad_frames_raise_or_are_skipped_and_reported(tiny, tmp_path, num_workers):
-  root, bad_image, missing = _break_two_frames(tiny, tmp_path)
+def test_bad_frames_raise_or_are_skipped_and_reported(tiny_dataset, tmp_path, num_workers):
+  root, bad_image, missing = _break_two_frames(tiny_dataset, tmp_path)
   with pytest.raises(store.FrameLoadError) as e:
     list(pipeline.make_eval_loader(_config(root, num_workers=num_workers), "pose", "all"))
   assert f"frame 9: {bad_image}" in str(e.value)

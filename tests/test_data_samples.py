@@ -17,17 +17,9 @@ SIZE = 32
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-  path = str(tmp_path_factory.getbasetemp() / "egodorsal_tiny")
-  synthetic.ensure_synthetic_dataset(path, participants=3, trials=2, frames=4, image_size=256,
-                                     seed=0)
-  return path
-
-
-@pytest.fixture(scope="module")
-def packed(tiny, tmp_path_factory):
+def packed(tiny_dataset, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("packed"))
-  summary = array_record.pack(tiny, out)
+  summary = array_record.pack(tiny_dataset, out)
   assert summary["frames"] == 24 and summary["bases"] == 6 and summary["frames_with_errors"] == 0
   return out
 
@@ -36,10 +28,10 @@ def _reader(config, task, split="all"):
   return pipeline._reader(config, task, split)  # pylint: disable=protected-access
 
 
-def _raw(tiny):
-  with open(os.path.join(tiny, "frames.json")) as f:
+def _raw(tiny_dataset):
+  with open(os.path.join(tiny_dataset, "frames.json")) as f:
     frames = json.load(f)["frames"]
-  with open(os.path.join(tiny, "trials.json")) as f:
+  with open(os.path.join(tiny_dataset, "trials.json")) as f:
     trials = {t["trial_id"]: t for t in json.load(f)["trials"]}
   return frames, trials
 
@@ -51,16 +43,16 @@ def _rgb(path):
 # ------------------------------------------------------------------ round trip
 
 
-def test_pose_samples_match_generator_files(tiny):
-  frames, trials = _raw(tiny)
-  reader = _reader(pose_data_config(tiny), "pose")
+def test_pose_samples_match_generator_files(tiny_dataset):
+  frames, trials = _raw(tiny_dataset)
+  reader = _reader(pose_data_config(tiny_dataset), "pose")
   for number, raw in enumerate(frames):
     sample = reader.read(number, None)
-    ann = safe_pickle.load_npy(os.path.join(tiny, "trials", raw["ann_path"]))
-    hamer = safe_pickle.load_npy(os.path.join(tiny, "trials", raw["hamer_path"]))
+    ann = safe_pickle.load_npy(os.path.join(tiny_dataset, "trials", raw["ann_path"]))
+    hamer = safe_pickle.load_npy(os.path.join(tiny_dataset, "trials", raw["hamer_path"]))
     p_id = trials[raw["trial_id"]]["p_id"]
     base = safe_pickle.load_npy(os.path.join(
-        tiny, "bases", f"PARTICIPANT_{p_id:03d}", "hamer", f"base_{raw['cropped_base_idx']:03d}.npy"))
+        tiny_dataset, "bases", f"PARTICIPANT_{p_id:03d}", "hamer", f"base_{raw['cropped_base_idx']:03d}.npy"))
     assert int(sample["frame_id"]) == raw["frame_id"] and int(sample["p_id"]) == p_id
     assert bool(sample["valid"])
     np.testing.assert_array_equal(sample["gt_pose"], ann["hand_pose"].reshape(45))
@@ -68,14 +60,14 @@ def test_pose_samples_match_generator_files(tiny):
     # HaMeR rotation matrices -> axis-angle, checked against OpenCV's Rodrigues.
     R = np.stack([cv2.Rodrigues(a.astype(np.float64))[0] for a in sample["hamer_pose"].reshape(15, 3)])
     np.testing.assert_allclose(R, hamer["hand_pose"][0], atol=2e-6)
-    np.testing.assert_array_equal(sample["img"], _rgb(os.path.join(tiny, "trials", raw["cropped_img_path"])))
+    np.testing.assert_array_equal(sample["img"], _rgb(os.path.join(tiny_dataset, "trials", raw["cropped_img_path"])))
     np.testing.assert_array_equal(sample["base_img"],
-                                  _rgb(os.path.join(tiny, "trials", raw["cropped_base_path"])))
+                                  _rgb(os.path.join(tiny_dataset, "trials", raw["cropped_base_path"])))
 
 
-def test_force_samples_labels(tiny):
-  frames, trials = _raw(tiny)
-  reader = _reader(pose_data_config(tiny, fsr_thresh=0.2), "force")
+def test_force_samples_labels(tiny_dataset):
+  frames, trials = _raw(tiny_dataset)
+  reader = _reader(pose_data_config(tiny_dataset, fsr_thresh=0.2), "force")
   seen = set()
   for number, raw in enumerate(frames):
     sample = reader.read(number, None)
@@ -90,10 +82,10 @@ def test_force_samples_labels(tiny):
   assert len(seen) == 6  # 3 participants x 2 trials cycle through the six motion types
 
 
-def test_online_mode_reproduces_precropped(tiny):
-  frames, _ = _raw(tiny)
-  online = _reader(pose_data_config(tiny, precropped=False, random_base=False), "pose")
-  pre = _reader(pose_data_config(tiny), "pose")
+def test_online_mode_reproduces_precropped(tiny_dataset):
+  frames, _ = _raw(tiny_dataset)
+  online = _reader(pose_data_config(tiny_dataset, precropped=False, random_base=False), "pose")
+  pre = _reader(pose_data_config(tiny_dataset), "pose")
   compared = 0
   for number, raw in enumerate(frames):
     if raw["cropped_base_idx"] != 0:
@@ -108,16 +100,16 @@ def test_online_mode_reproduces_precropped(tiny):
     compared += 1
   assert compared >= 4
   # random_base: the base is drawn from the element's rng, reproducibly.
-  rnd = _reader(pose_data_config(tiny, precropped=False, random_base=True), "pose")
+  rnd = _reader(pose_data_config(tiny_dataset, precropped=False, random_base=True), "pose")
   s1 = rnd.read(0, np.random.default_rng(1))
   s2 = rnd.read(0, np.random.default_rng(1))
   np.testing.assert_array_equal(s1["base_img"], s2["base_img"])
 
 
-def test_online_alignment_recovers_known_homography(tiny):
+def test_online_alignment_recovers_known_homography(tiny_dataset):
   """Base keypoints mapped by the recovered homography land on the frame's true keypoints."""
-  frames, trials = _raw(tiny)
-  index = egodorsal.load_index(tiny)
+  frames, trials = _raw(tiny_dataset)
+  index = egodorsal.load_index(tiny_dataset)
   folder = store.FolderStore(index)
   selected = egodorsal.select_frames(index, "all")
   worst = 0.0
@@ -146,8 +138,8 @@ def test_online_alignment_recovers_known_homography(tiny):
 
 
 @pytest.mark.parametrize("task,precropped", [("pose", True), ("pose", False), ("force", True)])
-def test_array_record_gives_the_same_samples(tiny, packed, task, precropped):
-  folder = _reader(pose_data_config(tiny, precropped=precropped, random_base=False), task)
+def test_array_record_gives_the_same_samples(tiny_dataset, packed, task, precropped):
+  folder = _reader(pose_data_config(tiny_dataset, precropped=precropped, random_base=False), task)
   config = pose_data_config(packed, format="array_record", precropped=precropped, random_base=False)
   assert "24 frames" in pipeline.validate_dataset(config, task, splits=["all"])
   packed_reader = _reader(config, task)
@@ -159,8 +151,8 @@ def test_array_record_gives_the_same_samples(tiny, packed, task, precropped):
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
-def test_array_record_pipeline_batches(tiny, packed):
-  for root, fmt in ((tiny, "folder"), (packed, "array_record")):
+def test_array_record_pipeline_batches(tiny_dataset, packed):
+  for root, fmt in ((tiny_dataset, "folder"), (packed, "array_record")):
     config = pose_data_config(root, format=fmt, out_img_size=SIZE)
     batches = list(pipeline.make_eval_loader(config, "pose", "test"))
     if fmt == "folder":
@@ -173,14 +165,14 @@ def test_array_record_pipeline_batches(tiny, packed):
 # ------------------------------------------------------------------ bad content
 
 
-def _broken(tiny, tmp_path):
+def _broken(tiny_dataset, tmp_path):
   root = str(tmp_path / "broken")
-  shutil.copytree(tiny, root)
+  shutil.copytree(tiny_dataset, root)
   return root
 
 
-def test_content_errors_name_frame_and_file(tiny, tmp_path):
-  root = _broken(tiny, tmp_path)
+def test_content_errors_name_frame_and_file(tiny_dataset, tmp_path):
+  root = _broken(tiny_dataset, tmp_path)
   frames, _ = _raw(root)
   t = lambda rel: os.path.join(root, "trials", rel)
   os.remove(t(frames[0]["cropped_img_path"]))  # missing image
@@ -229,8 +221,8 @@ def test_content_errors_name_frame_and_file(tiny, tmp_path):
     pipeline.validate_dataset(pose_data_config(out, format="array_record"), splits=["all"])
 
 
-def test_unknown_trial_and_motion_type(tiny, tmp_path):
-  root = _broken(tiny, tmp_path)
+def test_unknown_trial_and_motion_type(tiny_dataset, tmp_path):
+  root = _broken(tiny_dataset, tmp_path)
   path = os.path.join(root, "trials.json")
   with open(path) as f:
     data = json.load(f)
