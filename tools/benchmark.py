@@ -5,8 +5,8 @@ step (separate processes) and train-step compile time. Both frameworks use the s
 float32, shapes and weights; warm-up is excluded; each time is the median of several repeats,
 taken alternately (torch, jax, jax, torch, ...) so that load from elsewhere hits both alike.
 
-  python tools/benchmark.py                     # full run, ViT-S/16 224x224 batch 8 (~10 min)
-  python tools/benchmark.py --quick             # tiny model smoke check (~30 s)
+  python tools/benchmark.py                     # full run, ViT-S/16 224x224 batch 8 (~4 min)
+  python tools/benchmark.py --quick             # tiny model smoke check (~1 min)
   python tools/benchmark.py --rows train,mano --json bench_results.json
 """
 
@@ -23,9 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from typing import Any, Callable
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (ROOT, os.path.join(ROOT, "tools")):
   if _path not in sys.path:
@@ -44,7 +44,7 @@ class Settings:
   batch: int = 8
   n_unfrozen: int = 3
   warmup: int = 2
-  repeats: int = 5
+  repeats: int = 7
   mano_batches: tuple = (1, 64, 1024)
   mano_seconds: float = 1.0  # per repeat
   pipeline_samples: int = 24  # per repeat
@@ -55,6 +55,9 @@ class Settings:
   memory_steps: int = 3
   matmul_sizes: tuple = (1024, 2048)
   threads: int = 0  # 0: every core this process may use
+  dtype: str = "float32"  # dd_jax backbone compute dtype (not float32: --jax_only)
+  jax_only: bool = False  # accelerators: time dd_jax alone (no CUDA torch here)
+  backbone_fields: dict = dataclasses.field(default_factory=dict)  # set for torch-only children
 
   @classmethod
   def quick(cls) -> "Settings":
@@ -93,19 +96,24 @@ def _time(fn: Callable[[], Any]) -> float:
   return time.perf_counter() - start
 
 
-def compare(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+def compare(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, rounds: int = 2,
             gap: float = 0.05) -> dict[str, list[float]]:
-  """Seconds per call of each function: warm-up calls first, then `repeats` rounds in which
-  the order alternates, with a short pause so one framework's spinning threads have settled."""
+  """Seconds per call of each function, `repeats` timed calls each (rounded up to a multiple
+  of `rounds`), taken in `rounds` blocks per function in alternating order (A B, B A, ...)
+  so that drifting load from elsewhere hits every function alike. Each block starts with one
+  untimed call: the other framework has just run, and its first step back pays for pages and
+  caches the other one took (a training process runs one framework only)."""
   for fn in fns.values():
     for _ in range(warmup):
       fn()
   times: dict[str, list[float]] = {name: [] for name in fns}
   names = list(fns)
-  for r in range(repeats):
+  per_block = -(-repeats // rounds)
+  for r in range(rounds):
     for name in (names if r % 2 == 0 else names[::-1]):
       time.sleep(gap)
-      times[name].append(_time(fns[name]))
+      fns[name]()
+      times[name].extend(_time(fns[name]) for _ in range(per_block))
   return times
 
 
@@ -113,22 +121,24 @@ def median(xs: list[float]) -> float:
   return float(statistics.median(xs))
 
 
-def matmul_peak(sizes: tuple, repeats: int = 5) -> dict[str, float]:
-  """Best float32 square matmul FLOP/s of torch and of XLA on this machine."""
+def matmul_peak(sizes: tuple, repeats: int = 5, dtype: str = "float32",
+                jax_only: bool = False) -> dict[str, float]:
+  """Best square matmul FLOP/s of torch (float32) and of XLA (`dtype`) on this machine."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
-  best = {"torch": 0.0, "jax": 0.0}
+  best = {"jax": 0.0} if jax_only else {"torch": 0.0, "jax": 0.0}
   for n in sizes:
     a = np.random.default_rng(0).standard_normal((n, n), np.float32)
-    ta = torch.from_numpy(a)
-    ja = jnp.asarray(a)
+    ja = jnp.asarray(a, dtype)
     dot = jax.jit(jnp.dot)
-    times = compare({"torch": lambda: torch.mm(ta, ta),
-                     "jax": lambda: dot(ja, ja).block_until_ready()}, 1, repeats, gap=0.02)
-    for name, ts in times.items():
+    fns = {"jax": lambda: dot(ja, ja).block_until_ready()}
+    if not jax_only:
+      import torch  # pylint: disable=import-outside-toplevel
+      ta = torch.from_numpy(a)
+      fns["torch"] = lambda: torch.mm(ta, ta)
+    for name, ts in compare(fns, 1, repeats, gap=0.02).items():
       best[name] = max(best[name], 2 * n ** 3 / min(ts))
-  best["best"] = max(best["torch"], best["jax"])
+  best["best"] = max(best.values())
   return best
 
 
@@ -136,6 +146,9 @@ def matmul_peak(sizes: tuple, repeats: int = 5) -> dict[str, float]:
 
 
 def backbone_config(s: Settings):
+  """The DinoV3Config; in a torch-only child, a namespace of its fields (no JAX import)."""
+  if s.backbone_fields:
+    return types.SimpleNamespace(**s.backbone_fields)
   from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
   return dinov3.get_config(s.variant, **s.custom)
 
@@ -147,7 +160,7 @@ def pose_config(s: Settings, depth: int | None = None, n_unfrozen: int | None = 
   c.model.backbone.custom.update(s.custom)
   if depth is not None:
     c.model.backbone.custom.depth = depth
-  c.model.backbone.dtype = "float32"
+  c.model.backbone.dtype = s.dtype
   c.model.backbone.n_unfrozen_blocks = s.n_unfrozen if n_unfrozen is None else n_unfrozen
   c.data.out_img_size = s.image_size
   c.data.batch_size = s.batch
@@ -172,47 +185,16 @@ def one_device_mesh():
                            axis_types=(jax.sharding.AxisType.Auto,))
 
 
-class TorchPose:
-  """The original's pose training step and inference, from tools/torch_reference.py."""
-
-  def __init__(self, s: Settings, mano_dir: str, seed: int = 0):
-    import torch  # pylint: disable=import-outside-toplevel
-    import torch_reference as tr  # pylint: disable=import-outside-toplevel
-    torch.manual_seed(seed)
-    self.torch, self.tr = torch, tr
-    self.net = tr.PoseNet(backbone_config(s))
-    tr.randomise_last_layer(self.net)  # theta depends on the whole network (parity check)
-    self.trainable = tr.freeze(self.net, s.n_unfrozen)
-    self.optimizer = tr.make_optimizer(self.trainable)
-    self.mano = tr.make_mano(mano_dir)
-    self.step_fn = tr.make_train_step(self.net, self.mano, self.optimizer)
-
-  def tensors(self, batch: dict[str, np.ndarray]):
-    t = self.torch.from_numpy
-    return (t(batch["img"]).permute(0, 3, 1, 2), t(batch["base_img"]).permute(0, 3, 1, 2),
-            t(batch["hamer_pose"]), t(batch["gt_pose"]), t(batch["hamer_shape"]))
-
-  def train_step(self, batch) -> float:
-    self.net.train()
-    return float(self.step_fn(*self.tensors(batch)))
-
-  def loss(self, batch) -> float:
-    with self.torch.no_grad():
-      img, base, prior, gt, betas = self.tensors(batch)
-      return float(self.tr.pose_loss(self.mano, self.net(img, base, prior)[0], gt, betas))
-
-  def infer(self, batch):
-    self.net.eval()
-    with self.torch.inference_mode():
-      img, base, prior, _, _ = self.tensors(batch)
-      return self.net(img, base, prior)[0]
+def torch_pose(s: Settings, mano_dir: str):
+  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  return tr.PoseRunner(backbone_config(s), s.n_unfrozen, mano_dir)
 
 
 class JaxPose:
-  """dd_jax's compiled train step (train_state.build, as the trainer uses it) with the same
-  weights as a TorchPose, and a compiled forward for inference."""
+  """dd_jax's compiled train step (train_state.build, as the trainer uses it), with the weights
+  of a torch_reference.PoseRunner when given one, and a compiled forward for inference."""
 
-  def __init__(self, s: Settings, torch_pose: TorchPose | None = None):
+  def __init__(self, s: Settings, torch_runner=None):
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dd_jax import optim, parallel, train_state  # pylint: disable=import-outside-toplevel
@@ -223,10 +205,10 @@ class JaxPose:
     built = train_state.build(config, self.mesh)
     self.built = built
     state, frozen = built.state, built.frozen
-    if torch_pose is not None:
+    if torch_runner is not None:
       import torch_reference as tr  # pylint: disable=import-outside-toplevel
       model = built.model()
-      deltadorsal.assign_params(model, tr.jax_params(torch_pose.net, backbone_config(s)),
+      deltadorsal.assign_params(model, tr.jax_params(torch_runner.net, backbone_config(s)),
                                 source="torch_reference")
       is_trainable = optim.trainable_filter(backbone_config(s).depth, s.n_unfrozen)
       _, trainable, frozen = nnx.split(model, is_trainable, ...)
@@ -236,8 +218,7 @@ class JaxPose:
     graphdef = built.graphdef
     self.forward = jax.jit(lambda p, f, img, base, prior:
                            nnx.merge(graphdef, p, f)(img, base, prior)["theta"])
-    self.loss_fn = jax.jit(lambda p, f, batch, consts:
-                           built.task.loss(nnx.merge(graphdef, p, f), batch, consts)[0])
+    self.compiled_forward = None
 
   def batch(self, host):
     return self.parallel.global_batch(self.mesh, host)
@@ -258,17 +239,16 @@ class JaxPose:
     self.state, metrics = step(self.state, self.frozen, self.batch(host), self.consts)
     return {k: float(v) for k, v in self.jax.device_get(metrics).items()}
 
-  def loss(self, host) -> float:
-    return float(self.loss_fn(self.state["params"], self.frozen, self.batch(host), self.consts))
+  def compile_infer(self, host) -> dict[str, float]:
+    start = time.perf_counter()
+    self.compiled_forward = self.forward.lower(self.state["params"], self.frozen, host["img"],
+                                               host["base_img"], host["hamer_pose"]).compile()
+    return {"compile_s": time.perf_counter() - start, "xla_flops": _xla_flops(self.compiled_forward)}
 
   def infer(self, host):
-    return self.forward(self.state["params"], self.frozen, host["img"], host["base_img"],
-                        host["hamer_pose"]).block_until_ready()
-
-  def infer_flops(self, host) -> float:
-    compiled = self.forward.lower(self.state["params"], self.frozen, host["img"],
-                                  host["base_img"], host["hamer_pose"]).compile()
-    return _xla_flops(compiled)
+    forward = self.compiled_forward or self.forward
+    return forward(self.state["params"], self.frozen, host["img"], host["base_img"],
+                   host["hamer_pose"]).block_until_ready()
 
 
 def _xla_flops(compiled) -> float:
@@ -282,34 +262,39 @@ def bench_pose(s: Settings, peak: float, mano_dir: str) -> dict[str, Any]:
   """Rows 1 and 2: train step and inference, samples/s and fraction of the matmul peak."""
   import torch_reference as tr  # pylint: disable=import-outside-toplevel
   host = host_batch(s)
-  torch_pose = TorchPose(s, mano_dir)
-  torch_first = _time(lambda: torch_pose.loss(host))
-  jax_pose = JaxPose(s, torch_pose)
-  parity = {"loss_torch": torch_pose.loss(host), "loss_jax": jax_pose.loss(host)}
+  torch_runner = None if s.jax_only else torch_pose(s, mano_dir)
+  jax_pose = JaxPose(s, torch_runner)
   compile_info = jax_pose.compile_train_step(host)
-  first = {"torch": _time(lambda: parity.update(step_torch=torch_pose.train_step(host))),
-           "jax": _time(lambda: parity.update(step_jax=jax_pose.train_step(host)))}
-  parity["rel_loss_diff"] = abs(parity["loss_jax"] / parity["loss_torch"] - 1)
-  parity["rel_step_loss_diff"] = abs(parity["step_jax"]["loss"] / parity["step_torch"] - 1)
+  infer_info = jax_pose.compile_infer(host)
+  # The first step of each: its loss and gradient norm come from the same weights and batch
+  # (before the update), so they check that both sides compute the same thing.
+  parity: dict[str, Any] = {}
+  first = {"jax": _time(lambda: parity.update(jax=jax_pose.train_step(host)))}
+  train_fns, infer_fns = {"jax": lambda: jax_pose.train_step(host)}, {"jax": lambda: jax_pose.infer(host)}
+  if torch_runner is not None:
+    first["torch"] = _time(lambda: parity.update(torch=torch_runner.train_step(host)))
+    for key in ("loss", "grad_norm"):
+      parity[f"rel_{key}_diff"] = abs(parity["jax"][key] / parity["torch"][key] - 1)
+    train_fns["torch"] = lambda: torch_runner.train_step(host)
+    infer_fns["torch"] = lambda: torch_runner.infer(host)
   config = backbone_config(s)
   flops_train = tr.pose_step_flops(config, s.image_size, s.n_unfrozen) * s.batch
   flops_infer = tr.pose_step_flops(config, s.image_size, s.n_unfrozen, train=False) * s.batch
-  train = compare({"torch": lambda: torch_pose.train_step(host),
-                   "jax": lambda: jax_pose.train_step(host)}, s.warmup - 1, s.repeats)
-  infer = compare({"torch": lambda: torch_pose.infer(host), "jax": lambda: jax_pose.infer(host)},
-                  s.warmup, s.repeats)
+  train = compare(train_fns, s.warmup - 1, s.repeats)
+  infer = compare(infer_fns, s.warmup, s.repeats)
   rows = {}
   for name, times, flops, xla in (("train", train, flops_train, compile_info["xla_flops"]),
-                                  ("infer", infer, flops_infer, jax_pose.infer_flops(host))):
+                                  ("infer", infer, flops_infer, infer_info["xla_flops"])):
     row = {"flops_per_sample_analytic": flops / s.batch, "flops_per_sample_xla": xla / s.batch}
     for fw, ts in times.items():
       sec = median(ts)
       row[fw] = {"seconds": ts, "samples_per_s": s.batch / sec, "flops_per_s": flops / sec,
                  "fraction_of_peak": flops / sec / peak}
-    row["ratio"] = row["jax"]["samples_per_s"] / row["torch"]["samples_per_s"]
+    if "torch" in row:
+      row["ratio"] = row["jax"]["samples_per_s"] / row["torch"]["samples_per_s"]
     rows[name] = row
-  rows["train"].update(parity=parity, first_step_s=first, compile=compile_info,
-                       torch_first_forward_s=torch_first)
+  rows["train"].update(parity=parity, first_step_s=first, compile=compile_info)
+  rows["infer"].update(compile=infer_info)
   return rows
 
 
@@ -430,14 +415,14 @@ def child_memory(framework: str, s: Settings, mano_dir: str) -> dict[str, Any]:
   """Peak RSS of a process that builds the pose model and runs `memory_steps` train steps."""
   host = host_batch(s)
   if framework == "torch":
-    import torch  # pylint: disable=import-outside-toplevel
-    set_threads(s.threads)
+    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    set_threads(s.threads or cpu_threads())
     after_import = peak_rss_mib()
-    pose = TorchPose(s, mano_dir)
+    pose = torch_pose(s, mano_dir)
   else:
     import jax  # pylint: disable=import-outside-toplevel,unused-import
     after_import = peak_rss_mib()
-    pose = JaxPose(s)
+    pose = JaxPose(dataclasses.replace(s, backbone_fields={}))
   for _ in range(s.memory_steps):
     pose.train_step(host)
   leaked = [m for m in ("torch", "jax") if m != framework and m in sys.modules]
@@ -446,9 +431,10 @@ def child_memory(framework: str, s: Settings, mano_dir: str) -> dict[str, Any]:
 
 def bench_memory(s: Settings, mano_dir: str) -> dict[str, Any]:
   row = {}
+  child = dataclasses.replace(s, backbone_fields=dataclasses.asdict(backbone_config(s)))
   for framework in ("torch", "jax"):
     cmd = [sys.executable, os.path.abspath(__file__), "--_child", framework, "--_settings",
-           json.dumps(dataclasses.asdict(s)), "--_mano_dir", mano_dir]
+           json.dumps(dataclasses.asdict(child)), "--_mano_dir", mano_dir]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ))
     row[framework] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -499,9 +485,8 @@ def bench_compile(s: Settings) -> dict[str, Any]:
 # ------------------------------------------------------------------ report
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(jax_only: bool = False) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
-  import torch  # pylint: disable=import-outside-toplevel
   cpu = "unknown"
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -509,10 +494,14 @@ def machine_info() -> dict[str, Any]:
                  cpu)
   except OSError:
     pass
-  return {"cpu": cpu, "cores_usable": cpu_threads(), "platform": platform.platform(),
-          "python": platform.python_version(), "jax": jax.__version__, "torch": torch.__version__,
-          "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  info = {"cpu": cpu, "cores_usable": cpu_threads(), "platform": platform.platform(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "jax_device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "loadavg_start": os.getloadavg()}
+  if not jax_only:
+    import torch  # pylint: disable=import-outside-toplevel
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+  return info
 
 
 def fmt_rate(x: float, unit: str) -> str:
@@ -528,10 +517,11 @@ def table(results: dict[str, Any]) -> str:
                             ("infer", "pose inference", ">= 1.2x, >= 80% of peak")):
     if name in rows:
       r = rows[name]
-      cell = lambda fw: (f"{r[fw]['samples_per_s']:.2f} samples/s "
-                         f"({100 * r[fw]['fraction_of_peak']:.0f}%)")
-      lines.append(f"| {title} ({r['flops_per_sample_analytic'] / 1e9:.1f} GFLOP/sample) | "
-                   f"{cell('jax')} | {cell('torch')} | {r['ratio']:.2f}x | {goal} |")
+      cell = lambda fw, r=r: (f"{r[fw]['samples_per_s']:.2f} samples/s "
+                              f"({100 * r[fw]['fraction_of_peak']:.0f}%)" if fw in r else "-")
+      ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+      lines.append(f"| {title} ({r['flops_per_sample_analytic'] / 1e9:.3g} GFLOP/sample) | "
+                   f"{cell('jax')} | {cell('torch')} | {ratio} | {goal} |")
   for b, r in rows.get("mano", {}).items():
     lines.append(f"| MANO forward, batch {b} (first call {r['first_call_s']:.1f} s) | "
                  f"{fmt_rate(r['jax']['hands_per_s'], 'hands/s')} | "
@@ -548,34 +538,46 @@ def table(results: dict[str, Any]) -> str:
                  f"{r['torch']['peak_rss_mib']:,.0f} MiB | {r['ratio']:.2f}x | <= 1x |")
   if "train" in rows:
     c = rows["train"]["compile"]
+    eager = rows["train"]["first_step_s"].get("torch")
     lines.append(f"| first train step compile | {c['trace_lower_s'] + c['compile_s']:.1f} s "
                  f"(trace {c['trace_lower_s']:.1f} + XLA {c['compile_s']:.1f}) | "
-                 f"first eager step {rows['train']['first_step_s']['torch']:.1f} s | | < 60 s |")
+                 + (f"first eager step {eager:.1f} s" if eager else "-") + " | | < 60 s |")
   if "compile" in rows:
     for r in rows["compile"]["by_depth"] + rows["compile"]["by_unfrozen"]:
       lines.append(f"| compile, depth {r['depth']}, {r['n_unfrozen']} unfrozen | "
                    f"{r['trace_lower_s'] + r['compile_s']:.1f} s | | | linear in frozen blocks |")
-  lines.append(f"\nfloat32 matmul peak (best of torch / XLA): {peak / 1e9:.0f} GFLOP/s")
+  if "matmul_peak" in results:
+    m = results["matmul_peak"]
+    lines.append(f"\nmatmul peak ({results['settings']['dtype']} XLA / float32 torch): "
+                 + ", ".join(f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in m.items())
+                 + "; percentages are of the best")
   return "\n".join(lines)
+
+
+NEEDS_TORCH = ("mano", "pipeline", "memory")
 
 
 def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) -> dict[str, Any]:
   """Runs the requested rows; returns the results dict (what the JSON file holds)."""
   s.threads = s.threads or cpu_threads()
-  set_threads(s.threads)
-  results: dict[str, Any] = {"machine": machine_info(), "settings": dataclasses.asdict(s),
-                             "rows": {}}
+  if s.jax_only:
+    rows = tuple(r for r in rows if r not in NEEDS_TORCH)
+  else:
+    set_threads(s.threads)
+  results: dict[str, Any] = {"machine": machine_info(s.jax_only),
+                             "settings": dataclasses.asdict(s), "rows": {}}
   mano_dir = tempfile.mkdtemp(prefix="dd_jax_bench_mano_")
-  import torch_reference as tr  # pylint: disable=import-outside-toplevel
-  tr.make_mano(mano_dir)  # writes the synthetic MANO_RIGHT.pkl the children read
+  if not s.jax_only:
+    import torch_reference as tr  # pylint: disable=import-outside-toplevel
+    tr.make_mano(mano_dir)  # writes the synthetic MANO_RIGHT.pkl the children read
   if {"train", "infer"} & set(rows):
     log("matmul peak ...")
-    results["matmul_peak"] = matmul_peak(s.matmul_sizes)
+    results["matmul_peak"] = matmul_peak(s.matmul_sizes, dtype=s.dtype, jax_only=s.jax_only)
     log("pose train step and inference ...")
     pose = bench_pose(s, results["matmul_peak"]["best"], mano_dir)
     results["rows"].update({k: v for k, v in pose.items() if k in rows or k == "train"})
-    peak_after = matmul_peak(s.matmul_sizes)
-    results["matmul_peak_after"] = peak_after
+    results["matmul_peak_after"] = matmul_peak(s.matmul_sizes, dtype=s.dtype,
+                                               jax_only=s.jax_only)
   if "mano" in rows:
     log("MANO ...")
     results["rows"]["mano"] = bench_mano(s, mano_dir)
@@ -598,17 +600,35 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--rows", default=",".join(ROWS), help=f"comma list of {ROWS}")
   parser.add_argument("--json", default="bench_results.json", help="output path")
   parser.add_argument("--repeats", type=int, default=0, help="override the repeat count")
-  parser.add_argument("--threads", type=int, default=0, help="0: every usable core")
+  parser.add_argument("--threads", type=int, default=0,
+                      help="cores for both frameworks (0: all usable); pins the process")
+  parser.add_argument("--variant", help="backbone variant, e.g. dinov3_vitl16")
+  parser.add_argument("--image_size", type=int)
+  parser.add_argument("--batch", type=int)
+  parser.add_argument("--n_unfrozen", type=int)
+  parser.add_argument("--dtype", help="dd_jax compute dtype (bfloat16 implies --jax_only)")
+  parser.add_argument("--jax_only", action="store_true",
+                      help="time dd_jax alone (accelerators; rows train, infer, compile)")
+  parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS (e.g. cuda, tpu)")
   parser.add_argument("--_child", help=argparse.SUPPRESS)
   parser.add_argument("--_settings", help=argparse.SUPPRESS)
   parser.add_argument("--_mano_dir", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  os.environ.setdefault("JAX_PLATFORMS", args.platform)
   if args._child:  # pylint: disable=protected-access
     fields = json.loads(args._settings)  # pylint: disable=protected-access
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
     print(json.dumps(child_memory(args._child, s, args._mano_dir)))  # pylint: disable=protected-access
     return
   s = Settings.quick() if args.quick else Settings()
+  for name in ("variant", "image_size", "batch", "n_unfrozen", "dtype"):
+    if getattr(args, name) is not None:
+      setattr(s, name, getattr(args, name))
+  if args.variant:
+    s.custom = {}
+  s.jax_only = args.jax_only or s.dtype != "float32" or args.platform != "cpu"
+  if args.platform != "cpu":
+    s.matmul_sizes = (4096, 8192)  # large enough to reach an accelerator's peak
   s.repeats = args.repeats or s.repeats
   pin_cores(args.threads)  # before JAX starts: both frameworks then see the same cores
   s.threads = args.threads
@@ -621,8 +641,9 @@ def main(argv: list[str] | None = None) -> None:
     json.dump(results, f, indent=1, default=float)
   print(table(results))
   m = results["machine"]
-  print(f"{m['cpu']}, {m['cores_usable']} cores, load {m['loadavg_start'][0]:.1f} -> "
-        f"{m['loadavg_end'][0]:.1f}; jax {m['jax']}, torch {m['torch']}; JSON: {args.json}")
+  print(f"{m['cpu']} ({m['jax_device']}), {m['cores_usable']} cores, load "
+        f"{m['loadavg_start'][0]:.1f} -> {m['loadavg_end'][0]:.1f}; jax {m['jax']}"
+        + (f", torch {m['torch']}" if "torch" in m else "") + f"; JSON: {args.json}")
 
 
 if __name__ == "__main__":

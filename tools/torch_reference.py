@@ -188,6 +188,37 @@ def make_optimizer(params, *, lr=1e-3, weight_decay=1e-2) -> torch.optim.Optimiz
                            weight_decay=weight_decay, foreach=True)
 
 
+class PoseRunner:
+  """The pose network, smplx MANO, AdamW and a train step over numpy NHWC batches (the dict
+  layout of dd_jax's batches); what the benchmark times and its memory child runs."""
+
+  def __init__(self, backbone_config, n_unfrozen: int, mano_dir: str, *, seed: int = 0):
+    torch.manual_seed(seed)
+    self.net = PoseNet(backbone_config)
+    randomise_last_layer(self.net)  # theta then depends on the whole network (parity checks)
+    self.trainable = freeze(self.net, n_unfrozen)
+    self.optimizer = make_optimizer(self.trainable)
+    self.mano = make_mano(mano_dir)
+    self.step_fn = make_train_step(self.net, self.mano, self.optimizer)
+
+  @staticmethod
+  def tensors(batch: dict[str, np.ndarray]):
+    t = torch.from_numpy
+    return (t(batch["img"]).permute(0, 3, 1, 2), t(batch["base_img"]).permute(0, 3, 1, 2),
+            t(batch["hamer_pose"]), t(batch["gt_pose"]), t(batch["hamer_shape"]))
+
+  def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+    self.net.train()
+    loss, grad_norm = self.step_fn(*self.tensors(batch))
+    return {"loss": float(loss), "grad_norm": float(grad_norm)}
+
+  def infer(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
+    self.net.eval()
+    with torch.inference_mode():
+      img, base, prior, _, _ = self.tensors(batch)
+      return self.net(img, base, prior)[0]
+
+
 # ------------------------------------------------------------------ MANO and losses (§2.5)
 
 
@@ -242,7 +273,7 @@ def pose_loss(mano, pred, gt, betas, keypoint_weight=0.05, pose_weight=0.001) ->
 
 def make_train_step(net: PoseNet, mano, optimizer, *, clip_norm: float = 1.0):
   """One training step as Lightning runs it: forward, loss, backward, clip, AdamW. Returns a
-  function (img, base_img, prior, gt_pose, betas) -> loss (a float)."""
+  function (img, base_img, prior, gt_pose, betas) -> (loss, gradient norm before clipping)."""
   trainable = [p for group in optimizer.param_groups for p in group["params"]]
 
   def step(img, base_img, prior, gt_pose, betas):
@@ -250,9 +281,9 @@ def make_train_step(net: PoseNet, mano, optimizer, *, clip_norm: float = 1.0):
     theta, _, _ = net(img, base_img, prior)
     loss = pose_loss(mano, theta, gt_pose, betas)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip_norm)
     optimizer.step()
-    return loss.detach()
+    return loss.detach(), grad_norm
 
   return step
 

@@ -1,0 +1,67 @@
+"""Smoke test of tools/benchmark.py on a tiny model: every row runs, both sides compute the same
+loss, and the table renders. No timing assertions (benchmarks are scripts, not timed tests)."""
+
+import dataclasses
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+benchmark = pytest.importorskip("benchmark")
+pytest.importorskip("smplx")
+pytest.importorskip("transformers")
+
+
+def tiny_settings():
+  return dataclasses.replace(benchmark.Settings.quick(), compile_depths=(1,), compile_unfrozen=(),
+                             mano_batches=(1, 3), repeats=1)
+
+
+def test_quick_rows_run_and_agree(tmp_path):
+  s = tiny_settings()
+  rows = ("train", "infer", "mano", "pipeline", "compile")
+  results = benchmark.run(s, rows, log=lambda message: None)
+  got = results["rows"]
+  assert set(rows) <= set(got)
+  parity = got["train"]["parity"]
+  # Same weights, same batch: dd_jax and the PyTorch original compute the same loss and the same
+  # gradient norm (over the same trainable subset) in their first training step.
+  assert parity["rel_loss_diff"] < 1e-4, parity
+  assert parity["rel_grad_norm_diff"] < 1e-3, parity
+  for name in ("train", "infer"):
+    for fw in ("jax", "torch"):
+      assert got[name][fw]["samples_per_s"] > 0
+    assert got[name]["flops_per_sample_analytic"] > 0
+  for row in got["mano"].values():
+    assert row["max_abs_vertex_diff_m"] < 1e-5
+    assert row["jax"]["hands_per_s"] > 0 and row["torch"]["hands_per_s"] > 0
+  assert got["pipeline"]["jax"]["samples_per_s"] > 0
+  assert got["compile"]["by_depth"][0]["compile_s"] > 0
+  text = benchmark.table(results)
+  assert "pose train step" in text and "MANO forward, batch 3" in text
+
+
+def test_memory_child_reports_peak_rss(tmp_path):
+  """The child-process measurement, run in-process here (the script runs it as a subprocess)."""
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  s = tiny_settings()
+  torch_reference.make_mano(str(tmp_path))
+  out = benchmark.child_memory("torch", s, str(tmp_path))
+  assert out["peak_rss_mib"] >= out["after_import_mib"] > 0
+
+
+def test_analytic_flops_match_a_hand_count():
+  """ViT-S/16 at 224: 201 tokens; 24 T D^2 + 4 T^2 D per block (matmuls of one image)."""
+  from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
+  import torch_reference  # pylint: disable=import-outside-toplevel
+  config = dinov3.get_config("dinov3_vits16")
+  t, d = 201, 384
+  per_image = torch_reference.matmul_flops_per_image(config, 224, 224)
+  assert per_image["block"] == 24 * t * d * d + 4 * t * t * d
+  infer = torch_reference.pose_step_flops(config, 224, 3, train=False)
+  train = torch_reference.pose_step_flops(config, 224, 3)
+  np.testing.assert_allclose(infer / 1e9, 20.3, atol=0.1)  # "about 19 GFLOP per sample"
+  np.testing.assert_allclose(train / 1e9, 32.6, atol=0.1)  # "about 30 GFLOP per sample"
