@@ -107,16 +107,18 @@ def test_rope_follows_the_spec_formula_non_square():
   np.testing.assert_allclose(sin[5:], ref_sin, atol=2e-6)
   # rotate-half, not interleaved: q' = q*cos + [-q2, q1]*sin
   q = np.random.default_rng(0).normal(size=(1, h * w + 5, 2, head_dim)).astype(np.float32)
-  rotated = np.asarray(dinov3.apply_rope(jnp.asarray(q), cos, sin))
+  rotated = np.asarray(dinov3.apply_rope(jnp.asarray(q), cos[:, None], sin[:, None]))
   half = np.concatenate([-q[..., head_dim // 2:], q[..., :head_dim // 2]], axis=-1)
   ref = q * np.asarray(cos)[None, :, None] + half * np.asarray(sin)[None, :, None]
   np.testing.assert_allclose(rotated, ref, atol=1e-6)
   np.testing.assert_array_equal(rotated[:, :5], q[:, :5])  # prefix tokens untouched
 
 
-def test_attention_matches_explicit_softmax():
+@pytest.mark.parametrize("implementation", [None, "xla"])
+def test_attention_matches_explicit_softmax(implementation):
   model = small_model()
   attn = model.blocks[0].attn
+  attn.attention_implementation = implementation
   x = jax.random.normal(jax.random.key(2), (2, 5 + 6, 64))
   cos, sin = dinov3.rope_cos_sin(model.rope_periods[...], 2, 3, 5)
   out = np.asarray(nnx.jit(lambda a, *args: a(*args))(attn, x, cos, sin), np.float64)

@@ -243,11 +243,12 @@ def rope_cos_sin(periods: jax.Array, h: int, w: int, num_prefix_tokens: int
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-  """x (B, T, N, hd) -> x*cos + rotate_half(x)*sin in float32, rotate_half = [-x2, x1] halves."""
+  """x*cos + rotate_half(x)*sin in float32, rotate_half = [-x2, x1] halves; cos and sin
+  broadcast against x's trailing (T, hd) or are given as (T, 1, hd) for x (..., T, N, hd)."""
   x32 = x.astype(jnp.float32)
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
-  return (x32 * cos[None, :, None, :] + rotated * sin[None, :, None, :]).astype(x.dtype)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -261,13 +262,29 @@ class Attention(nnx.Module):
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     b, t, d = x.shape
-    qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, d // self.num_heads)
-    q = apply_rope(qkv[:, :, 0], cos, sin)
-    k = apply_rope(qkv[:, :, 1], cos, sin)
-    # Logits and softmax are float32 inside dot_product_attention for bf16 inputs too.
-    out = jax.nn.dot_product_attention(q, k, qkv[:, :, 2],
-                                       implementation=self.attention_implementation)
-    return self.proj(out.reshape(b, t, d))
+    n = self.num_heads
+    if self.attention_implementation is not None:  # e.g. "cudnn": a fused kernel on GPUs
+      qkv = self.qkv(x).reshape(b, t, 3, n, d // n)
+      q = apply_rope(qkv[:, :, 0], cos[:, None], sin[:, None])
+      k = apply_rope(qkv[:, :, 1], cos[:, None], sin[:, None])
+      out = jax.nn.dot_product_attention(q, k, qkv[:, :, 2],
+                                         implementation=self.attention_implementation)
+      return self.proj(out.reshape(b, t, d))
+    # Heads-major (3, B, N, T, hd): both attention matmuls are plain batched matmuls. The
+    # softmax is normalised after the value matmul (dividing (T, hd) instead of (T, T)), with
+    # logits, exponentials and sums in float32 for bf16 inputs too.
+    qkv = self.qkv(x).reshape(b, t, 3, n, d // n).transpose(2, 0, 3, 1, 4)
+    q = apply_rope(qkv[0] * jnp.asarray((d // n) ** -0.5, qkv.dtype), cos, sin)
+    k = apply_rope(qkv[1], cos, sin)
+    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32)
+    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+    out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(qkv.dtype), qkv[2],
+                     preferred_element_type=jnp.float32)
+    out = (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(qkv.dtype)
+    return self.proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
+
+
+_gelu_recomputed = jax.checkpoint(lambda h: jax.nn.gelu(h, approximate=False))
 
 
 class Mlp(nnx.Module):
@@ -277,7 +294,9 @@ class Mlp(nnx.Module):
     self.fc2 = _linear(hidden, dim, use_bias=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact erf, as torch
+    # Exact erf, as torch. Only fc1's output is kept for the backward, which recomputes the
+    # (elementwise) GELU: one (tokens, hidden) activation per trained block instead of two.
+    return self.fc2(_gelu_recomputed(self.fc1(x)))
 
 
 class SwiGLU(nnx.Module):
@@ -320,7 +339,8 @@ class DinoV3(nnx.Module):
   """DINOv3 ViT. Params are float32; `dtype` is the compute dtype of the matmuls.
 
   LayerNorm statistics, RoPE, softmax and the residual stream are float32 whatever `dtype` is.
-  `attention_implementation` goes to jax.nn.dot_product_attention (None/'xla', or 'cudnn').
+  `attention_implementation`: None = dd_jax's own heads-major attention (the fastest on CPU),
+  or a jax.nn.dot_product_attention implementation ('xla', 'cudnn').
   """
 
   def __init__(self, config: DinoV3Config, *, dtype=jnp.float32,
