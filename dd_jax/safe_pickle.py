@@ -10,11 +10,16 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import threading
 from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 
 Allowlist = Mapping[tuple[str, str], Any]
+# numpy parses .npy headers with ast.literal_eval, and CPython 3.11's ast is not thread-safe
+# (gh-106905: "AST constructor recursion depth mismatch" when Grain's reader threads parse
+# headers at once). Headers are parsed under this lock.
+_NPY_HEADER_LOCK = threading.Lock()
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -109,12 +114,16 @@ def load_npy(path: str | os.PathLike) -> Any:
       version = np.lib.format.read_magic(f)
       read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                      else np.lib.format.read_array_header_2_0)
-      _, _, dtype = read_header(f)
+      with _NPY_HEADER_LOCK:
+        shape, fortran_order, dtype = read_header(f)
     except Exception as e:
       raise ValueError(f"{path}: not a valid .npy file ({e})") from e
     if not dtype.hasobject:
-      f.seek(0)
-      return np.load(f, allow_pickle=False)
+      count = int(np.prod(shape))
+      array = np.fromfile(f, dtype=dtype, count=count)
+      if array.size != count:
+        raise ValueError(f"{path}: truncated .npy file ({array.size} of {count} values)")
+      return array.reshape(shape, order="F" if fortran_order else "C")
     obj = restricted_load(f, {**NUMPY_GLOBALS, **CONTAINER_GLOBALS}, source=path,
                           encoding="latin1")
   if isinstance(obj, np.ndarray) and obj.dtype.hasobject and obj.shape == ():

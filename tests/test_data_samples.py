@@ -242,3 +242,26 @@ def test_unknown_trial_and_motion_type(tiny_dataset, tmp_path):
     json.dump(data, f)
   with pytest.raises(egodorsal.DatasetFormatError, match="frame 3: unknown trial 77"):
     pipeline.make_eval_loader(pose_data_config(root), "pose", "all")
+
+
+def test_load_npy_reads_arrays_and_dicts_like_np_load(tmp_path):
+  rng = np.random.default_rng(0)
+  arrays = {"c": rng.normal(size=(3, 4)).astype(np.float32),
+            "f": np.asfortranarray(rng.normal(size=(2, 5))),
+            "i": np.arange(7, dtype=np.int16), "scalar": np.float64(2.5)}
+  for name, value in arrays.items():
+    np.save(tmp_path / f"{name}.npy", value)
+    got = safe_pickle.load_npy(tmp_path / f"{name}.npy")
+    want = np.load(tmp_path / f"{name}.npy")
+    assert got.dtype == want.dtype and got.shape == want.shape, name
+    np.testing.assert_array_equal(got, want)
+  value = {"pose": arrays["c"], "nested": [arrays["i"], (1, "a")]}
+  np.save(tmp_path / "dict.npy", value, allow_pickle=True)
+  got = safe_pickle.load_npy(tmp_path / "dict.npy")
+  np.testing.assert_array_equal(got["pose"], arrays["c"])
+  assert got["nested"][1] == (1, "a")
+  data = (tmp_path / "c.npy").read_bytes()
+  (tmp_path / "short.npy").write_bytes(data[:-8])
+  with pytest.raises(ValueError, match=r"short\.npy: truncated"):
+    safe_pickle.load_npy(tmp_path / "short.npy")
+
