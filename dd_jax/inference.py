@@ -217,28 +217,9 @@ def read_image(path: str) -> np.ndarray:
   return store.decode_image(store.read_file(path, None, "image"), path, None)
 
 
-@dataclasses.dataclass(frozen=True)
-class PriorFile:
-  """A HaMeR .npy file: the parsed prior and its raw (21, 2) keypoints_2d if it has them."""
-  path: str
-  prior: store.Prior
-  keypoints_2d: np.ndarray | None
-
-
-def read_prior(path: str) -> PriorFile:
+def read_prior(path: str) -> store.Prior:
   """A HaMeR .npy dict, loaded without running code; bad files raise FrameLoadError naming it."""
-  raw = store.load_npy_dict(path, None)
-  prior = store.parse_prior(raw, path, None)
-  keypoints_2d = None
-  value = raw.get("keypoints_2d")
-  if value is not None:
-    try:
-      array = np.asarray(value, np.float64)
-      if array.size == 42 and np.all(np.isfinite(array)):
-        keypoints_2d = array.reshape(21, 2)
-    except (TypeError, ValueError):
-      pass  # only used to place the overlay; the prediction does not depend on it
-  return PriorFile(path, prior, keypoints_2d)
+  return store.parse_prior(store.load_npy_dict(path, None), path, None)
 
 
 # ------------------------------------------------------------------------------ loading

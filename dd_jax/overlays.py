@@ -12,46 +12,12 @@ import numpy as np
 
 from dd_jax import pictures
 from dd_jax.data import align, render
-from dd_jax.data.egodorsal import CROP_KEYPOINTS
 
 MIN_SIDE = 384  # small network-sized crops are enlarged so the drawing stays legible
 PRIOR_COLOR = pictures.PRIOR_COLOR
 MESH_COLOR = (150, 200, 150)
 # Light travelling into the scene (+z) from the upper left; render_mesh's default comes from
 # behind the hand and leaves camera-facing triangles at the ambient level.
-
-
-def place_prior_keypoints(keypoints_2d: np.ndarray | None, width: int, height: int
-                          ) -> tuple[np.ndarray | None, str]:
-  """The prior's (21, 2) keypoints in THIS image's pixels, and how they were placed.
-
-  HaMeR files hold keypoints in pixels of the full (undistorted) frame. They are used when
-  - the image is a precrop made by the EgoDorsal crop rule (align.crop_box: keypoints
-    [0,1,2,5,9,13,17], margins left 50 / right 101 / top 50 / bottom 51, clipped to the frame)
-    from that frame: the crop origin follows from the keypoints and the image size must fit
-    the box (only the right / bottom edge may have been clipped); the keypoints are shifted;
-  - or all 21 keypoints lie inside the image: taken as the full frame, unshifted.
-  Otherwise (normalised coordinates, another crop rule, no keypoints) None is returned.
-  """
-  if keypoints_2d is None:
-    return None, "no keypoints_2d in the prior"
-  points = np.asarray(keypoints_2d, np.float64).reshape(21, 2)
-  if not np.all(np.isfinite(points)) or np.ptp(points, axis=0).max() < 8:
-    return None, "prior keypoints_2d are not pixel coordinates"
-  crop = points[list(CROP_KEYPOINTS)]
-  left, right, top, bottom = align.CROP_MARGINS
-  x0 = max(int(np.floor(crop[:, 0].min())) - left, 0)
-  y0 = max(int(np.floor(crop[:, 1].min())) - top, 0)
-  x1 = int(np.ceil(crop[:, 0].max())) + right
-  y1 = int(np.ceil(crop[:, 1].max())) + bottom
-  shifted = points - (x0, y0)
-  wrist_inside = 0 <= shifted[0, 0] < width and 0 <= shifted[0, 1] < height
-  if width <= x1 - x0 + 1 and height <= y1 - y0 + 1 and wrist_inside:
-    return shifted, f"prior keypoints_2d, precrop at ({x0}, {y0}) of the frame"
-  inside = np.all((points >= -0.5) & (points <= np.array([width, height]) - 0.5))
-  if inside:
-    return points, "prior keypoints_2d, full frame"
-  return None, "prior keypoints_2d do not fall on this image"
 
 
 def _affine_render(background: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
@@ -133,14 +99,14 @@ def pose_overlay(image: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
   image: uint8 RGB (H, W, 3). vertices (778, 3), keypoints (21, 3): the prediction in MANO's
   frame (zero global orientation). prior_keypoints_3d (21, 3): the prior pose's keypoints in
   the same frame (same betas); prior_keypoints_2d (21, 2): the prior file's pixels.
-  With both, and when `place_prior_keypoints` can place the 2D keypoints on this image, a
+  With both, and when `align.place_prior_keypoints` can place the 2D keypoints on this image, a
   least-squares affine camera from the prior's 3D to its 2D keypoints (pictures.fit_affine_camera)
   draws the predicted mesh and skeleton over the image (prior keypoints in red). Otherwise the
   prediction (and the prior, red) is drawn in `canonical_camera`'s view beside the image.
   """
   big, scale = _enlarged(image)
   height, width = image.shape[:2]
-  placed, how = (place_prior_keypoints(prior_keypoints_2d, width, height)
+  placed, how = (align.place_prior_keypoints(prior_keypoints_2d, width, height)
                  if prior_keypoints_3d is not None else (None, "no prior pose"))
   if placed is not None:
     placed = _scale_pixels(placed, scale)

@@ -27,12 +27,14 @@ def _canonical_view(points: np.ndarray, size: int, reference: np.ndarray) -> np.
 
 
 def pose_panel(img: np.ndarray, base: np.ndarray, pred_kp: np.ndarray, gt_kp: np.ndarray,
-               prior_kp: np.ndarray, gt_kp2d: np.ndarray | None = None) -> np.ndarray:
+               prior_kp: np.ndarray, prior_kp2d: np.ndarray | None = None) -> np.ndarray:
   """[image | base | image with ground truth (blue), prior (red), prediction (green)].
 
-  With the frame's ground-truth 2D keypoints (network-input pixels) an affine camera fitted to
-  the ground truth places every hand over the image; without them the hands are drawn in a
-  canonical front view on the image.
+  The networks predict finger poses only, so the three hands share one camera: an affine camera
+  fitted from the prior's keypoints to the prior's 2D keypoints in this image (network-input
+  pixels; HaMeR's keypoints_2d placed on the crop) puts the prior exactly where HaMeR saw the
+  hand and the others where they differ from it. Without 2D keypoints (NaN) the hands are
+  drawn in a canonical front view on the image.
   """
   size = PANEL_SIZE
   scale = size / img.shape[0]
@@ -40,8 +42,9 @@ def pose_panel(img: np.ndarray, base: np.ndarray, pred_kp: np.ndarray, gt_kp: np
                                  interpolation=cv2.INTER_LINEAR)
   image, base_image = picture(img), picture(base)
   overlay = image.copy()
-  if gt_kp2d is not None:
-    camera = fit_affine_camera(gt_kp, np.asarray(gt_kp2d) * scale)
+  if prior_kp2d is not None and np.all(np.isfinite(prior_kp2d)):
+    camera = fit_affine_camera(np.asarray(prior_kp, np.float64),
+                               (np.asarray(prior_kp2d, np.float64) + 0.5) * scale - 0.5)
     project = lambda k: np.concatenate([k, np.ones((len(k), 1))], 1) @ camera.T
   else:
     project = lambda k: _canonical_view(k, size, gt_kp)

@@ -130,12 +130,12 @@ def pair_files(image: str, base: str, hamer: str | None = None,
 # ------------------------------------------------------------------------------ one frame
 
 
-def _shape_for(pair: Pair, prior: inference.PriorFile | None,
-               base_prior: inference.PriorFile | None) -> tuple[np.ndarray, str]:
-  if base_prior is not None and base_prior.prior.betas is not None:
-    return base_prior.prior.betas, f"betas[0] of the base's HaMeR file {pair.base_hamer} (as the trainer)"
-  if prior is not None and prior.prior.betas is not None:
-    return prior.prior.betas, f"betas[0] of the frame's HaMeR file {pair.hamer}"
+def _shape_for(pair: Pair, prior: store.Prior | None,
+               base_prior: store.Prior | None) -> tuple[np.ndarray, str]:
+  if base_prior is not None and base_prior.betas is not None:
+    return base_prior.betas, f"betas[0] of the base's HaMeR file {pair.base_hamer} (as the trainer)"
+  if prior is not None and prior.betas is not None:
+    return prior.betas, f"betas[0] of the frame's HaMeR file {pair.hamer}"
   return np.zeros(10, np.float32), "zeros (no HaMeR file with betas given)"
 
 
@@ -175,7 +175,7 @@ def predict_pair(predictor: inference.Predictor, pair: Pair, out_dir: str, *,
       base_priors[pair.base_hamer] = inference.read_prior(pair.base_hamer)
     base_prior = base_priors[pair.base_hamer]
   betas, shape_source = _shape_for(pair, prior, base_prior)
-  result = predictor(image, base, None if prior is None else prior.prior, betas=betas)
+  result = predictor(image, base, prior, betas=betas)
   record.update(
       forward_ms=result["forward_ms"], base_hamer=pair.base_hamer,
       prior_pose_used=predictor.uses_prior,
@@ -185,8 +185,8 @@ def predict_pair(predictor: inference.Predictor, pair: Pair, out_dir: str, *,
   if overlay:
     vertices, faces = predictor.hand_mesh(result["pose"][None], betas[None])
     prior_kp3d = prior_kp2d = None
-    if prior is not None and prior.prior.hand_pose is not None:
-      prior_kp3d = np.asarray(predictor.keypoints(prior.prior.hand_pose[None], betas[None]))[0]
+    if prior is not None and prior.hand_pose is not None:
+      prior_kp3d = np.asarray(predictor.keypoints(prior.hand_pose[None], betas[None]))[0]
       prior_kp2d = prior.keypoints_2d
     picture, how = overlays.pose_overlay(image, vertices[0], faces, result["keypoints"],
                                          prior_keypoints_3d=prior_kp3d,

@@ -80,7 +80,7 @@ class PoseTask:
       yield f"frame_{int(local_batch['frame_id'][i])}", pictures.pose_panel(
           local_batch["img"][i], local_batch["base_img"][i], host_outputs["pred_kp_3d"][i],
           host_outputs["gt_kp_3d"][i], host_outputs["hamer_kp_3d"][i],
-          local_batch.get("gt_kp2d", [None] * len(local_batch["img"]))[i])
+          local_batch["prior_kp2d"][i])
 
   def summary_pictures(self, outputs) -> Iterator[tuple[str, np.ndarray]]:
     return iter(())

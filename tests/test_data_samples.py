@@ -265,3 +265,46 @@ def test_load_npy_reads_arrays_and_dicts_like_np_load(tmp_path):
   with pytest.raises(ValueError, match=r"short\.npy: truncated"):
     safe_pickle.load_npy(tmp_path / "short.npy")
 
+
+def test_prior_keypoints_2d_follow_the_crop_and_resize(tiny_dataset):
+  """prior_kp2d: HaMeR's full-frame keypoints_2d in network-input pixels, in both modes."""
+  frames, _ = _raw(tiny_dataset)
+  finalize = samples.Finalize(SIZE)
+  placed = {}
+  for precropped in (True, False):
+    reader = _reader(pose_data_config(tiny_dataset, precropped=precropped), "pose")
+    for number, raw in enumerate(frames[:6]):
+      sample = reader.read(number, None)
+      height, width = sample["img"].shape[:2]
+      hamer = safe_pickle.load_npy(os.path.join(tiny_dataset, "trials", raw["hamer_path"]))
+      full = hamer["keypoints_2d"].reshape(21, 2).astype(np.float64)
+      # The crop rule applied independently to the file's keypoints gives the crop origin.
+      x0, x1, y0, y1 = align.crop_box(full[list(egodorsal.CROP_KEYPOINTS)], 256, 192)
+      assert (x1 - x0, y1 - y0) == (width, height)
+      np.testing.assert_allclose(sample["prior_kp2d"], full - (x0, y0), atol=1e-3)
+      out = finalize.map(sample)["prior_kp2d"]
+      want = (full - (x0, y0) + 0.5) * (SIZE / width, SIZE / height) - 0.5
+      np.testing.assert_allclose(out, want, atol=1e-3)
+      placed.setdefault(number, []).append(out)
+  assert all(np.allclose(a, b, atol=1e-3) for a, b in placed.values())
+  assert np.isnan(reader.placeholder(-1)["prior_kp2d"]).all()
+
+
+def test_val_panel_draws_the_prior_on_its_2d_keypoints():
+  from dd_jax import pictures  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  prior = rng.normal(0, 0.04, (21, 3))
+  camera = np.array([[400.0, 30.0, -20.0, 20.0], [-25.0, 380.0, 15.0, 18.0]])
+  kp2d = np.concatenate([prior, np.ones((21, 1))], 1) @ camera.T  # 32-pixel network input
+  far = prior + 1.0  # ground truth and prediction drawn off the panel
+  img = np.zeros((SIZE, SIZE, 3), np.float32)
+  panel = pictures.pose_panel(img, img, far, far, prior, kp2d)
+  overlay = panel[:, 2 * pictures.PANEL_SIZE:].astype(int)
+  scale = pictures.PANEL_SIZE / SIZE
+  for x, y in (kp2d + 0.5) * scale - 0.5:
+    xi, yi = int(round(x)), int(round(y))
+    if 0 <= xi < pictures.PANEL_SIZE and 0 <= yi < pictures.PANEL_SIZE:
+      assert np.abs(overlay[yi, xi] - pictures.PRIOR_COLOR).max() < 60, (x, y)
+  # Without keypoints the canonical view is used: the hands are still drawn.
+  panel = pictures.pose_panel(img, img, prior, prior, prior, np.full((21, 2), np.nan))
+  assert panel[:, 2 * pictures.PANEL_SIZE:].any()

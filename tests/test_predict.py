@@ -107,7 +107,7 @@ def test_api_on_a_folder_and_a_batch_equal_the_evaluator(trained, tiny_dataset, 
   predictor = inference.load(workdir)
   assert inference.load(predictor.source).source == predictor.source  # a step folder works too
   ids = sorted(frames)
-  priors = [inference.read_prior(frames[i][2]).prior for i in ids]
+  priors = [inference.read_prior(frames[i][2]) for i in ids]
   batch = predictor.predict_batch([inference.read_image(frames[i][0]) for i in ids],
                                   [inference.read_image(frames[i][1]) for i in ids], priors)
   for k, frame_id in enumerate(ids):
@@ -241,11 +241,11 @@ def test_prior_keypoints_are_placed_on_a_precrop_or_a_full_frame():
   rng = np.random.default_rng(1)
   keypoints = rng.uniform([300, 200], [420, 300], (21, 2))
   x0, x1, y0, y1 = align.crop_box(keypoints[list(CROP_KEYPOINTS)], 1000, 800)
-  placed, how = overlays.place_prior_keypoints(keypoints, x1 - x0, y1 - y0)
+  placed, how = align.place_prior_keypoints(keypoints, x1 - x0, y1 - y0)
   np.testing.assert_allclose(placed, keypoints - (x0, y0))
   assert "precrop" in how
-  placed, how = overlays.place_prior_keypoints(keypoints, 1000, 800)
+  placed, how = align.place_prior_keypoints(keypoints, 1000, 800)
   np.testing.assert_allclose(placed, keypoints)
   assert "full frame" in how
-  assert overlays.place_prior_keypoints(keypoints / 1000, 200, 150)[0] is None
-  assert overlays.place_prior_keypoints(None, 200, 150)[0] is None
+  assert align.place_prior_keypoints(keypoints / 1000, 200, 150)[0] is None
+  assert align.place_prior_keypoints(None, 200, 150)[0] is None

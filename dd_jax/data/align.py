@@ -72,6 +72,40 @@ def crop_box(points: np.ndarray, width: int, height: int,
   return x0, x1, y0, y1
 
 
+def place_prior_keypoints(keypoints_2d: np.ndarray | None, width: int, height: int
+                          ) -> tuple[np.ndarray | None, str]:
+  """The prior's (21, 2) keypoints in THIS image's pixels, and how they were placed.
+
+  HaMeR files hold keypoints in pixels of the full (undistorted) frame. They are used when
+  - the image is a precrop made by the EgoDorsal crop rule (align.crop_box: keypoints
+    [0,1,2,5,9,13,17], margins left 50 / right 101 / top 50 / bottom 51, clipped to the frame)
+    from that frame: the crop origin follows from the keypoints and the image size must fit
+    the box (only the right / bottom edge may have been clipped); the keypoints are shifted
+    (this is also how an online crop is made: crop_box on the same keypoints);
+  - or all 21 keypoints lie inside the image: taken as the full frame, unshifted.
+  Otherwise (normalised coordinates, another crop rule, no keypoints) None is returned.
+  """
+  if keypoints_2d is None:
+    return None, "no keypoints_2d in the prior"
+  points = np.asarray(keypoints_2d, np.float64).reshape(21, 2)
+  if not np.all(np.isfinite(points)) or np.ptp(points, axis=0).max() < 8:
+    return None, "prior keypoints_2d are not pixel coordinates"
+  crop = points[list(CROP_KEYPOINTS)]
+  left, right, top, bottom = CROP_MARGINS
+  x0 = max(int(np.floor(crop[:, 0].min())) - left, 0)
+  y0 = max(int(np.floor(crop[:, 1].min())) - top, 0)
+  x1 = int(np.ceil(crop[:, 0].max())) + right
+  y1 = int(np.ceil(crop[:, 1].max())) + bottom
+  shifted = points - (x0, y0)
+  wrist_inside = 0 <= shifted[0, 0] < width and 0 <= shifted[0, 1] < height
+  if width <= x1 - x0 + 1 and height <= y1 - y0 + 1 and wrist_inside:
+    return shifted, f"prior keypoints_2d, precrop at ({x0}, {y0}) of the frame"
+  inside = np.all((points >= -0.5) & (points <= np.array([width, height]) - 0.5))
+  if inside:
+    return points, "prior keypoints_2d, full frame"
+  return None, "prior keypoints_2d do not fall on this image"
+
+
 class Undistorter:
   """cv2.undistort with the remap tables cached per (K, d, size): same output, less work."""
 

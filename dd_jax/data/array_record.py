@@ -28,7 +28,8 @@ PACK_INDEX = "packed.json"
 BUILDER_NAME = "egodorsal_packed"
 _IMAGE_FIELDS = ("img", "cropped_img", "cropped_base")
 _PRIOR_FIELDS = (("hand_pose", (45,), np.float32), ("betas", (10,), np.float32),
-                 ("keypoints_3d", (21, 3), np.float64), ("cam_t", (3,), np.float64))
+                 ("keypoints_3d", (21, 3), np.float64), ("cam_t", (3,), np.float64),
+                 ("keypoints_2d", (21, 2), np.float32))  # packs made before it lack the last
 _JSON_FILES = ("bases.json", "trials.json", "frames.json")
 
 

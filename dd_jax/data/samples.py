@@ -98,6 +98,7 @@ class SampleReader:
               "load_error": _encode_error(error)}
     if self.options.task == "pose":
       sample["gt_pose"] = np.zeros(45, np.float32)
+      sample["prior_kp2d"] = np.full((21, 2), np.nan, np.float32)
     else:
       sample.update(tap_label=np.int32(0), force=np.zeros(5, np.float32), fsr=np.float32(0))
     return sample
@@ -119,6 +120,7 @@ class SampleReader:
       base_prior = store.base_prior(trial.p_id, base_idx, fid)
       img = decode_image(*store.frame_image(frame, "cropped_img"), fid)
       base_img = decode_image(*store.frame_image(frame, "cropped_base"), fid)
+      prior_kp2d = align.place_prior_keypoints(prior.keypoints_2d, img.shape[1], img.shape[0])[0]
     else:
       n_bases = len(self.index.bases.get(trial.p_id, []))
       if n_bases == 0:
@@ -130,7 +132,7 @@ class SampleReader:
       else:
         base_idx = 0
       base_prior = store.base_prior(trial.p_id, base_idx, fid)
-      img, base_img = self._align_online(frame, trial, base_idx, prior, base_prior)
+      img, base_img, prior_kp2d = self._align_online(frame, trial, base_idx, prior, base_prior)
 
     shape = _require(base_prior, "betas", store.base_name(trial.p_id, base_idx), fid)
     sample = {"img": img, "base_img": base_img, "hamer_pose": hamer_pose, "hamer_shape": shape,
@@ -138,6 +140,8 @@ class SampleReader:
               "load_error": _encode_error("")}
     if self.options.task == "pose":
       sample["gt_pose"] = store.frame_ground_truth(frame)
+      sample["prior_kp2d"] = (np.full((21, 2), np.nan, np.float32) if prior_kp2d is None
+                              else np.asarray(prior_kp2d, np.float32))
     else:
       fsr = float(frame.fsr_reading)
       sample["tap_label"] = np.int32(tap_label(frame, trial, self.options.fsr_thresh))
@@ -157,7 +161,9 @@ class SampleReader:
         _require(prior, "cam_t", frame.hamer_path, fid),
         _require(base_prior, "keypoints_3d", self.store.base_name(trial.p_id, base_idx), fid),
         _require(base_prior, "cam_t", self.store.base_name(trial.p_id, base_idx), fid))
-    return align.align_and_crop(img, base_img, alignment)
+    x0, _, y0, _ = alignment.box
+    return (*align.align_and_crop(img, base_img, alignment),
+            alignment.frame_keypoints - (x0, y0))
 
 
 def _encode_error(message: str) -> np.ndarray:
@@ -206,7 +212,8 @@ class Augment(grain.transforms.RandomMap):
 
 
 class Finalize(grain.transforms.Map):
-  """Resize to out_img_size and normalise; masked samples get zero images."""
+  """Resize to out_img_size and normalise; masked samples get zero images. The prior's 2D
+  keypoints (pose samples: crop pixels, NaN where unknown) follow the resize."""
 
   def __init__(self, size: int):
     self.size = size
@@ -215,5 +222,10 @@ class Finalize(grain.transforms.Map):
     if not sample["valid"]:
       zeros = np.zeros((self.size, self.size, 3), np.float32)
       return dict(sample, img=zeros, base_img=zeros)
-    return dict(sample, img=to_model_input(sample["img"], self.size),
-                base_img=to_model_input(sample["base_img"], self.size))
+    out = dict(sample, img=to_model_input(sample["img"], self.size),
+               base_img=to_model_input(sample["base_img"], self.size))
+    if "prior_kp2d" in sample:
+      height, width = sample["img"].shape[:2]
+      scale = np.array([self.size / width, self.size / height], np.float32)
+      out["prior_kp2d"] = (sample["prior_kp2d"] + 0.5) * scale - 0.5
+    return out

@@ -41,6 +41,9 @@ class Prior:
   betas: np.ndarray | None  # (10,) float32: betas[0]
   keypoints_3d: np.ndarray | None  # (21, 3) float64, camera frame without cam_t
   cam_t: np.ndarray | None  # (3,) float64
+  # (21, 2) float32 pixels of the full (undistorted) frame; only pictures use it, so a missing
+  # or malformed value is None rather than an error.
+  keypoints_2d: np.ndarray | None = None
 
 
 def matrix_to_axis_angle(R: np.ndarray) -> np.ndarray:
@@ -101,6 +104,16 @@ def _shaped(value: np.ndarray | None, key: str, shape: tuple[int, ...]) -> np.nd
   raise ValueError(f"'{key}' should have shape {shape} or {(1,) + shape}, got {value.shape}")
 
 
+def _optional_keypoints_2d(value: Any) -> np.ndarray | None:
+  try:
+    array = np.asarray(value, np.float32)
+  except (TypeError, ValueError):
+    return None
+  if array.size != 42 or not np.all(np.isfinite(array)):
+    return None
+  return array.reshape(21, 2)
+
+
 def parse_prior(d: Any, path: str, frame_id: int | None) -> Prior:
   """HaMeR dict -> Prior; wrong types or shapes raise FrameLoadError naming `path`."""
   try:
@@ -116,7 +129,8 @@ def parse_prior(d: Any, path: str, frame_id: int | None) -> Prior:
         hand_pose=None if pose is None else pose_to_axis_angle(pose, "hand_pose"),
         betas=None if betas is None else betas.astype(np.float32),
         keypoints_3d=_shaped(_array(d, "keypoints_3d", path), "keypoints_3d", (21, 3)),
-        cam_t=_shaped(_array(d, "cam_t", path), "cam_t", (3,)))
+        cam_t=_shaped(_array(d, "cam_t", path), "cam_t", (3,)),
+        keypoints_2d=_optional_keypoints_2d(d.get("keypoints_2d")))
   except ValueError as e:
     raise FrameLoadError(frame_id, path, str(e)) from None
 

@@ -372,7 +372,8 @@ def _precrop(out_dir: str, frames_list: list[dict]) -> None:
     trial = index.trials[frame.trial_id]
     prior = folder.frame_prior(frame)
     base_prior = folder.base_prior(trial.p_id, frame.cropped_base_idx, frame.frame_id)
-    img, base = reader._align_online(frame, trial, frame.cropped_base_idx, prior, base_prior)  # pylint: disable=protected-access
+    img, base, _ = reader._align_online(  # pylint: disable=protected-access
+        frame, trial, frame.cropped_base_idx, prior, base_prior)
     _save_jpeg(os.path.join(frames_dir, item["cropped_img_path"]), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     _save_jpeg(os.path.join(frames_dir, item["cropped_base_path"]),
                cv2.cvtColor(base, cv2.COLOR_RGB2BGR))
