@@ -188,7 +188,8 @@ def _train_epochs(config, mesh, task, train_step, eval_step, state, frozen, trai
     progress = {"best": score if improved else progress["best"],
                 "stale_epochs": 0 if improved else progress["stale_epochs"] + 1}
     writer.scalars(step, {**val, "epoch": epoch + 1})
-    results.update(val)
+    if improved:  # the closing summary reports the epoch that is tested: the best
+      results.update(val)
     log.info("epoch %d: %s (best %s %.4f)", epoch + 1, _fmt(val), config.best_metric,
              progress["best"])
     checkpointing.save(manager, step, {"train": state, "frozen": frozen}, train_iter,

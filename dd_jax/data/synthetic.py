@@ -6,7 +6,7 @@ base images; HaMeR-style prior files (ground truth + controlled pose noise); ann
 precropped frames and bases computed by the same alignment code as the online mode; force
 trials of the six motion types with FSR readings and visible press cues; participant splits.
 
-  python tools/make_synthetic_data.py --out /tmp/egodorsal_synth --participants 8 --trials 3
+  python tools/make_synthetic_data.py --out /tmp/egodorsal_synth --participants 8 --trials 6
 
 The HaMeR files use HaMeR's camera convention (focal K[0,0]/256*max(w,h), centred principal
 point); with the default 256-px frames that is exactly the rendering camera, so the online
@@ -36,6 +36,8 @@ JPEG_QUALITY = 92
 PRIOR_SHRINK = 0.25
 PRIOR_CURL_NOISE = 0.35
 PRIOR_JOINT_NOISE = 0.02
+# Fingers (thumb..pinky) whose skin shows a press where it differs from the SPEC's FSR vector.
+PRESS_SHOWN_ON = {"surface_tap_all_force": (0.0, 1.0, 1.0, 1.0, 1.0)}
 
 
 def _mano_batch(model, betas, pose, orient, transl):
@@ -169,7 +171,10 @@ def _frame_curls(rng, motion: str, fsr: float) -> tuple[np.ndarray, np.ndarray]:
   target = np.asarray(gesture) + 0.1 * fsr
   mix = active * amount * (np.asarray(gesture) > 0)
   curls = (1 - mix) * curls + mix * target
-  press = active * fsr
+  # The press shows on the fingers that push (a surface tap with all fingers uses all four,
+  # though its FSR vector is the index's), saturating above the label threshold of 0.2.
+  shows = np.asarray(PRESS_SHOWN_ON.get(motion, active))
+  press = shows * np.clip((fsr - 0.1) / 0.3, 0.0, 1.0)
   return np.clip(curls, -0.1, 1.0), press
 
 
@@ -221,14 +226,17 @@ def _translation(keypoints, K, width, height, rng, depth, jitter) -> np.ndarray:
   return target - centre
 
 
-def make_synthetic_dataset(out_dir: str, *, participants: int = 8, trials: int = 3,
-                           frames: int = 20, image_size: int = 256, seed: int = 0,
+def make_synthetic_dataset(out_dir: str, *, participants: int = 8, trials: int = 6,
+                           frames: int = 10, image_size: int = 256, seed: int = 0,
                            bases: int = 2, model=None) -> dict:
   """Writes a synthetic EgoDorsal set into `out_dir` (created; must not exist or be empty).
 
   Frames are image_size x 3/4 image_size pixels. Returns a summary (counts, seconds).
   Held-out participants differ in skin, light, shape and posture: a model needs several
-  training participants to generalise (8 x 3 x 20 trains on 6; 4 x 3 x 40 on only 2).
+  training participants to generalise (8 x 6 x 10 trains on 6; 4 x 6 x 20 on only 2). Motion
+  types cycle over all trials in order, so with 6 trials every participant performs all six
+  and the motion type is not confounded with who performs it (a force model would learn
+  participants instead).
   Splits by participant: test = the last, val = the one before, train = the rest (with fewer
   than 3 participants val and test share the last one).
   """
@@ -399,7 +407,7 @@ def ensure_synthetic_dataset(out_dir: str, **params) -> bool:
   Safe when several processes call it at once: each generates into a private folder and the
   first to rename it into place wins. A folder without the synthetic marker is never touched.
   """
-  params = {"participants": 8, "trials": 3, "frames": 20, "image_size": 256, "seed": 0,
+  params = {"participants": 8, "trials": 6, "frames": 10, "image_size": 256, "seed": 0,
             "bases": 2, **params}
   marker = os.path.join(out_dir, MARKER)
   if os.path.exists(marker):
