@@ -8,6 +8,7 @@ the frozen rest and jit-compiles the train step (train state donated) and the ev
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 from typing import Any, Callable
 
@@ -39,6 +40,26 @@ class Built:
     """The network with the given (default: current) trainable parameters."""
     return nnx.merge(self.graphdef, self.state["params"] if trainable is None else trainable,
                      self.frozen)
+
+
+def release_freed_host_memory() -> None:
+  """Hands heap memory that was freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+  XLA's compiler frees hundreds of MB when it finishes, but glibc keeps freed heap mapped, so
+  a step's buffers would come on top of it (ViT-S on CPU: ~400 MB of peak memory).
+  """
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def compile_step(step: Callable, *args) -> Callable:
+  """`step` (a jax.jit function) compiled for these arguments' shapes and shardings, with the
+  compiler's freed memory released before the first execution allocates its buffers."""
+  compiled = step.lower(*args).compile()
+  release_freed_host_memory()
+  return compiled
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
@@ -76,5 +97,6 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   state = jax.jit(init, out_shardings=shardings)(trainable)
   train_step = jax.jit(steps.make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
   eval_step = jax.jit(steps.make_eval_step(graphdef, task.evaluate))
+  release_freed_host_memory()  # what compiling the initialisers freed
   return Built(config, mesh, task, graphdef, state, abstract_state, frozen, tx, train_step,
                eval_step)

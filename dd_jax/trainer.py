@@ -151,12 +151,15 @@ def _train_epochs(config, mesh, task, train_step, eval_step, state, frozen, trai
   best_sign = -1.0 if config.best_mode == "min" else 1.0
   step = int(state["step"])
   skip = step - start_epoch * steps_per_epoch  # resumed mid-epoch: steps already done
+  compiled_step = None  # compiled on the first batch: every train batch has its shapes
   for epoch in range(start_epoch, config.max_epochs):
     console = logs.Progress(steps_per_epoch, epoch, config.max_epochs)
     window: list[dict[str, jax.Array]] = []
     for i in range(skip, steps_per_epoch):
       batch = parallel.global_batch(mesh, next(train_iter))
-      state, metrics = train_step(state, frozen, batch, consts)
+      if compiled_step is None:
+        compiled_step = train_state.compile_step(train_step, state, frozen, batch, consts)
+      state, metrics = compiled_step(state, frozen, batch, consts)
       window.append(metrics)
       step += 1
       last = i + 1 == steps_per_epoch
