@@ -1,6 +1,9 @@
-"""DeltaDorsal heads and networks against a small PyTorch implementation written from SPEC.md §2."""
+"""DeltaDorsal heads and networks against the PyTorch implementation of SPEC.md §2 in
+tools/torch_reference.py (the one the benchmark times)."""
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,94 +16,17 @@ from torch import nn
 
 from dd_jax.models import deltadorsal
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import torch_reference as tr  # noqa: E402  pylint: disable=wrong-import-position
+
 torch.manual_seed(0)
 D, Z, HW, B, HIDDEN = 24, 32, (4, 5), 3, 40
+# torch layer -> dd_jax kernel/bias, the benchmark's weight export.
+conv, lin = tr._conv, tr._lin  # pylint: disable=protected-access
 
 
-# ------------------------------------------------------------------ PyTorch reference (NCHW)
-
-class TorchChange(nn.Module):
-
-  def __init__(self, in_dim, out_dim, use_delta, use_orig_feat):
-    super().__init__()
-    self.use_delta, self.use_orig = use_delta, use_orig_feat and use_delta
-    c = in_dim + (1 if use_delta else 0) + (2 * in_dim if self.use_orig else 0)
-    self.conv = nn.Sequential(nn.Conv2d(c, out_dim, 3, padding=1), nn.GELU(),
-                              nn.Conv2d(out_dim, out_dim, 3, padding=1), nn.GELU())
-
-  def forward(self, ft, f0):
-    if self.use_delta:
-      x = [ft - f0, F.cosine_similarity(ft, f0, dim=1, eps=1e-6).unsqueeze(1)]
-      x += [ft, f0] if self.use_orig else []
-    else:
-      x = [ft]
-    return self.conv(torch.cat(x, 1))
-
-
-def torch_pool(x, pool, conv):
-  if pool == "avg":
-    return x.mean(dim=(2, 3))
-  w = torch.softmax(torch.tanh(conv(x)).flatten(1), -1).view(x.shape[0], 1, *x.shape[2:])
-  return (x * w).sum(dim=(2, 3))
-
-
-class TorchPoseHead(nn.Module):
-
-  def __init__(self, z, out, hidden, use_prior, use_film, gated, pool):
-    super().__init__()
-    self.use_prior, self.use_film, self.gated, self.pool, self.out = (
-        use_prior, use_film and use_prior, gated, pool, out)
-    if self.use_film:
-      self.film = nn.Sequential(nn.Linear(45, 2 * z))
-    self.neck = nn.Sequential(nn.Conv2d(z, z, 3, padding=1), nn.GELU())
-    self.attn = nn.Conv2d(z, 1, 1)  # learned here (the original makes a new one per call)
-    self.mlp = nn.Sequential(nn.Linear(z + (45 if use_prior else 0), hidden), nn.GELU(),
-                             nn.Linear(hidden, hidden), nn.GELU(),
-                             nn.Linear(hidden, out * 2 if gated else out))
-
-  def forward(self, x, prior):
-    b, c = x.shape[:2]
-    if self.use_film:
-      gb = self.film(prior)
-      x = gb[:, :c].view(b, c, 1, 1) * x + gb[:, c:].view(b, c, 1, 1)
-    g = torch_pool(self.neck(x), self.pool, self.attn)
-    if self.use_prior:
-      g = torch.cat([g, prior], 1)
-    o = self.mlp(g)
-    if self.gated:
-      d, gate = o[:, :self.out], torch.sigmoid(o[:, self.out:])
-      theta = gate * d
-    else:
-      d, gate, theta = o, torch.ones_like(o), o
-    return (prior + theta if self.use_prior else theta), d, gate
-
-
-class TorchForceHead(nn.Module):
-
-  def __init__(self, z, out_dim, n_classes, hidden, pool):
-    super().__init__()
-    self.pool, self.out_dim, self.k = pool, out_dim, n_classes
-    self.neck = nn.Sequential(nn.Conv2d(z, z, 3, padding=1), nn.GELU())
-    self.attn = nn.Conv2d(z, 1, 1)
-    self.trunk = nn.Sequential(nn.Linear(z, hidden), nn.GELU(), nn.Linear(hidden, hidden),
-                               nn.GELU())
-    self.head = nn.Linear(hidden, n_classes * out_dim)
-
-  def forward(self, x):
-    g = torch_pool(self.neck(x), self.pool, self.attn)
-    return self.head(self.trunk(g)).view(x.shape[0], self.out_dim, self.k)
-
-
-# ------------------------------------------------------------------ weight copy (test's own)
-
-def lin(m):
-  return {"kernel": m.weight.detach().numpy().T, "bias": m.bias.detach().numpy()}
-
-
-def conv(m):
-  return {"kernel": m.weight.detach().numpy().transpose(2, 3, 1, 0),
-          "bias": m.bias.detach().numpy()}
-
+# ------------------------------------------------------------------ helpers
 
 def load(module, params):
   state = nnx.state(module, nnx.Param)
@@ -144,7 +70,7 @@ def test_cosine_similarity_matches_torch_including_tiny_norms():
 
 @pytest.mark.parametrize("use_delta,use_orig_feat", [(True, True), (True, False), (False, True)])
 def test_change_encoder_matches_torch(use_delta, use_orig_feat):
-  ref = TorchChange(D, Z, use_delta, use_orig_feat)
+  ref = tr.ChangeEncoder(D, Z, use_delta=use_delta, use_orig_feat=use_orig_feat)
   ours = deltadorsal.ChangeEncoder(D, Z, use_delta=use_delta, use_orig_feat=use_orig_feat,
                                    rngs=nnx.Rngs(0))
   load(ours, {"conv1": conv(ref.conv[0]), "conv2": conv(ref.conv[2])})
@@ -161,7 +87,8 @@ def test_change_encoder_matches_torch(use_delta, use_orig_feat):
 @pytest.mark.parametrize("use_film", [False, True])
 @pytest.mark.parametrize("use_prior", [False, True])
 def test_pose_head_matches_torch(use_prior, use_film, gated, pool):
-  ref = TorchPoseHead(Z, 45, HIDDEN, use_prior, use_film, gated, pool)
+  ref = tr.PoseHead(Z, 45, HIDDEN, use_prior=use_prior, use_film=use_film, gated=gated,
+                    pool_kind=pool)
   randomise(ref)
   ours = deltadorsal.ResidualPoseHead(Z, 45, 45, HIDDEN, use_prior=use_prior, use_film=use_film,
                                       gated=gated, pool=pool, rngs=nnx.Rngs(1))
@@ -184,7 +111,7 @@ def test_pose_head_matches_torch(use_prior, use_film, gated, pool):
 @pytest.mark.parametrize("pool", ["avg", "attn"])
 @pytest.mark.parametrize("out_dim", [1, 2])
 def test_force_head_matches_torch(pool, out_dim):
-  ref = TorchForceHead(Z, out_dim, 7, HIDDEN, pool)
+  ref = tr.ForceHead(Z, out_dim, 7, HIDDEN, pool_kind=pool)
   randomise(ref)
   ours = deltadorsal.ForceHead(Z, out_dim, 7, HIDDEN, pool=pool, rngs=nnx.Rngs(2))
   params = {"neck": conv(ref.neck[0]), "trunk1": lin(ref.trunk[0]), "trunk2": lin(ref.trunk[2]),

@@ -1,4 +1,8 @@
-"""Pose and force losses against PyTorch written from SPEC.md §2.5 (pose through smplx's MANO)."""
+"""Pose and force losses against PyTorch written from SPEC.md §2.5 (pose: tools/torch_reference.py
+through smplx's MANO)."""
+
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,54 +12,20 @@ import torch
 
 from dd_jax import losses
 from dd_jax.mano import io as mano_io
-from dd_jax.mano import synthetic
 
-TIP_IDS = [743, 333, 443, 554, 671]
-JOINT_SRC = [0, 13, 14, 15, 1, 2, 3, 4, 5, 6, 10, 11, 12, 7, 8, 9]
-JOINT_DST = [0, 1, 2, 3, 5, 6, 7, 9, 10, 11, 13, 14, 15, 17, 18, 19]
-TIP_DST = [4, 8, 12, 16, 20]
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import torch_reference as tr  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")
 def mano_pair(tmp_path_factory):
   """(dd_jax MANO, smplx MANO) of the same synthetic hand, written as a cleaned pickle."""
-  smplx = pytest.importorskip("smplx")
+  pytest.importorskip("smplx")
   folder = tmp_path_factory.mktemp("mano")
-  path = folder / "MANO_RIGHT.pkl"
-  synthetic.write_synthetic_mano(str(path), layout="cleaned")
-  ours = mano_io.load_mano(str(path))
-  ref = smplx.MANO(model_path=str(folder), is_rhand=True, use_pca=False, flat_hand_mean=True)
+  ref = tr.make_mano(str(folder))  # writes the synthetic MANO_RIGHT.pkl first
+  ours = mano_io.load_mano(str(folder / "MANO_RIGHT.pkl"))
   return ours, ref
-
-
-def torch_keypoints(ref, pose, betas):
-  b = pose.shape[0]
-  out = ref(betas=betas, hand_pose=pose, global_orient=torch.zeros(b, 3), transl=torch.zeros(b, 3))
-  kp = torch.zeros(b, 21, 3)
-  kp[:, JOINT_DST] = out.joints[:, JOINT_SRC]
-  kp[:, TIP_DST] = out.vertices[:, TIP_IDS]
-  return kp
-
-
-def torch_rotation(aa):
-  """Rodrigues as the original's geom_utils.axis_angle_to_matrix (angle clamped at 1e-9)."""
-  theta = aa.norm(dim=-1, keepdim=True).clamp(min=1e-9)
-  kx, ky, kz = (aa / theta).unbind(-1)
-  zero = torch.zeros_like(kx)
-  k = torch.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], -1).reshape(*aa.shape[:-1], 3, 3)
-  eye = torch.eye(3).expand(*aa.shape[:-1], 3, 3)
-  return eye + torch.sin(theta)[..., None] * k + (1 - torch.cos(theta))[..., None] * (k @ k)
-
-
-def torch_pose_loss(ref, pred, gt, betas, kw=0.05, pw=0.001):
-  """The original's compute_loss: summed root-relative L1 + summed rotation-matrix MSE."""
-  pk, gk = torch_keypoints(ref, pred, betas), torch_keypoints(ref, gt, betas)
-  pk, gk = pk - pk[:, :1], gk - gk[:, :1]
-  keypoint = (pk - gk).abs().sum(dim=(1, 2))
-  b = pred.shape[0]
-  rp, rg = torch_rotation(pred.reshape(b, 15, 3)), torch_rotation(gt.reshape(b, 15, 3))
-  pose = ((rp - rg) ** 2).sum(dim=(1, 2, 3))
-  return keypoint, pose, kw * keypoint.sum() + pw * pose.sum()
 
 
 def test_pose_losses_match_torch_smplx(mano_pair):
@@ -66,7 +36,8 @@ def test_pose_losses_match_torch_smplx(mano_pair):
   pred = gt + torch.randn(b, 45, generator=g) * 0.2
   pred[0] = 0.0  # zero pose: the Rodrigues special case
   betas = torch.randn(b, 10, generator=g)
-  keypoint, pose, total = torch_pose_loss(ref, pred, gt, betas)
+  keypoint, pose = tr.pose_losses(ref, pred, gt, betas)
+  total = tr.pose_loss(ref, pred, gt, betas, keypoint_weight=0.05, pose_weight=0.001)
   got = jax.jit(losses.pose_losses)(ours, jnp.asarray(pred.numpy()), jnp.asarray(gt.numpy()),
                                     jnp.asarray(betas.numpy()))
   kp_rel = np.max(np.abs(np.asarray(got["keypoint"]) / keypoint.numpy() - 1))
@@ -75,7 +46,7 @@ def test_pose_losses_match_torch_smplx(mano_pair):
   total_rel = abs(float(reduced["loss"]) / total.item() - 1)
   print(f"pose loss max rel err: keypoint {kp_rel:.2e} pose {pose_rel:.2e} total {total_rel:.2e}")
   assert kp_rel < 1e-5 and pose_rel < 1e-5 and total_rel < 1e-5
-  np.testing.assert_allclose(got["gt_keypoints"], torch_keypoints(ref, gt, betas).numpy(),
+  np.testing.assert_allclose(got["gt_keypoints"], tr.mano_keypoints(ref, gt, betas).numpy(),
                              atol=1e-6)
 
 
@@ -86,7 +57,8 @@ def test_pose_loss_reduction_with_mask(mano_pair):
   pred = gt + torch.randn(5, 45, generator=g) * 0.3
   betas = torch.randn(5, 10, generator=g)
   valid = np.array([True, False, True, True, False])
-  _, _, want = torch_pose_loss(ref, pred[valid], gt[valid], betas[valid])
+  want = tr.pose_loss(ref, pred[valid], gt[valid], betas[valid], keypoint_weight=0.05,
+                      pose_weight=0.001)
   pred_j = jnp.asarray(pred.numpy()).at[~valid].set(jnp.nan)  # padding may be anything
   got = losses.reduce_pose_loss(
       losses.pose_losses(ours, pred_j, jnp.asarray(gt.numpy()), jnp.asarray(betas.numpy())),
