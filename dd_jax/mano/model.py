@@ -5,8 +5,10 @@ choices: shape and pose blend shapes are one matmul (betas and pose features aga
 stacked directions), the rest-pose joints come from a pre-multiplied regressor, the kinematic
 chain is composed level by level (MANO's tree is 4 levels deep) with its 3x3 products written as
 multiply-adds, skinning is one matmul of the flattened (3, 4) joint transforms with the (778, 16)
-weights applied along the vertex axis, and batches above 128 run in chunks so the intermediates
-stay in cache (measured ~3x faster at batch 1024 on CPU). Matmuls ask for HIGHEST precision so
+weights applied along the vertex axis. The small per-hand quantities (blend coefficients, joint
+transforms, joints) are computed for the whole batch at once; the mesh (both matmuls and the
+skinning) runs in chunks of 256 hands so each chunk's (chunk, 12, 778) intermediate stays in cache
+(measured ~3x faster than unchunked at batch 1024 on CPU). Matmuls ask for HIGHEST precision so
 float32 on GPUs/TPUs keeps the 1e-6 m parity.
 """
 
@@ -307,38 +309,43 @@ def mano_forward(model: ManoModel, betas: jax.Array, hand_pose: jax.Array,
       raise ValueError(f"transl: expected ({batch}, 3), got {shift.shape}")
     shift = shift.reshape(batch, 3)
 
-  # ---- the mesh, in chunks: large batches run ~3x faster when each chunk's (chunk, 12, 778)
-  # skinning intermediate stays in cache.
-  if batch <= _CHUNK:
-    return _posed_mesh(model, betas, rot, shift)
-  head = batch // _CHUNK * _CHUNK
-  chunked = jax.lax.map(lambda args: _posed_mesh(model, *args), jax.tree.map(
-      lambda x: x[:head].reshape((-1, _CHUNK) + x.shape[1:]), (betas, rot, shift)))
-  out = jax.tree.map(lambda y: y.reshape((head,) + y.shape[2:]), chunked)
-  if head == batch:
-    return out
-  tail = _posed_mesh(model, betas[head:], rot[head:], shift[head:])
-  return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), out, tail)
-
-
-_CHUNK = 128
-
-
-def _posed_mesh(model: ManoModel, betas: jax.Array, rot: jax.Array,
-                shift: jax.Array) -> ManoOutput:
-  """betas (B, 10), rotations (B, 16, 3, 3) (root first), translation (B, 3) -> ManoOutput."""
-  batch, dtype = betas.shape[0], betas.dtype
-  # ---- shape and pose blend shapes in one matmul; rest joints from the pre-multiplied regressor
+  # ---- per-hand quantities for the whole batch: blend coefficients, joint transforms, joints
   pose_feature = (rot[:, 1:] - jnp.eye(3, dtype=dtype)).reshape(batch, -1)  # (B, 135)
-  coefficients = jnp.concatenate([betas, pose_feature], axis=1)
-  v_posed = model.v_template.T + jnp.matmul(  # (B, 3, 778): vertices last
-      coefficients, model.blend_directions, precision=_HIGHEST).reshape(batch, 3, NUM_VERTICES)
+  coefficients = jnp.concatenate([betas, pose_feature], axis=1)  # (B, 145)
   joints_rest = model.joint_template + jnp.matmul(
       betas, model.joint_shape_directions, precision=_HIGHEST).reshape(batch, -1, 3)
+  transforms, joints = _joint_transforms(model.parents, rot, joints_rest)
+  joints = joints + shift[:, None]
 
-  # ---- kinematic chain in level order, one batched step per tree level (4 for MANO):
+  # ---- the mesh, in chunks so that each chunk's (chunk, 12, 778) skinning intermediate stays
+  # in cache
+  if batch <= _CHUNK:
+    vertices = _posed_vertices(model, coefficients, transforms, shift)
+  else:
+    head = batch // _CHUNK * _CHUNK
+    vertices = jax.lax.map(lambda args: _posed_vertices(model, *args), jax.tree.map(
+        lambda x: x[:head].reshape((-1, _CHUNK) + x.shape[1:]),
+        (coefficients, transforms, shift))).reshape(head, NUM_VERTICES, 3)
+    if head < batch:
+      vertices = jnp.concatenate([vertices, _posed_vertices(
+          model, coefficients[head:], transforms[head:], shift[head:])])
+  keypoints = jnp.concatenate([joints, vertices[:, np.asarray(model.tip_ids)]], axis=1)
+  return ManoOutput(vertices=vertices, joints=joints,
+                    keypoints=keypoints[:, np.asarray(OPENPOSE_SOURCE)])
+
+
+_CHUNK = 256
+
+
+def _joint_transforms(parents: tuple[int, ...], rot: jax.Array,
+                      joints_rest: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Rotations (B, 16, 3, 3) (root first), rest joints (B, 16, 3) -> the skinning transforms
+  (B, 12, 16) (rows: the flattened 3x3 rotation, then the translation, of each joint's rest-to-
+  posed transform [R | t - R J_rest]) and the posed joints (B, 16, 3)."""
+  batch = rot.shape[0]
+  # Kinematic chain in level order, one batched step per tree level (4 for MANO):
   # G_j = G_parent(j) @ [R_j | J_j - J_parent(j)], G_0 = [R_0 | J_0]
-  order, levels, inverse = _chain_plan(model.parents)
+  order, levels, inverse = _chain_plan(parents)
   rot = rot[:, np.asarray(order)]
   rest = joints_rest[:, np.asarray(order)]
   world_rot, world_t = [], []
@@ -355,25 +362,30 @@ def _posed_mesh(model: ManoModel, betas: jax.Array, rot: jax.Array,
     world_t.append(_matvec3(parent_rot, local_t) + parent_t)
   world_rot = jnp.concatenate(world_rot, axis=1)  # (B, 16, 3, 3), level order
   world_t = jnp.concatenate(world_t, axis=1)
-  # ---- skinning: blend [R | t - R J_rest] per vertex with one matmul (B*12, 16) x (16, 778),
-  # whose output needs no transpose, then apply it along the contiguous vertex axis.
   offset = world_t - _matvec3(world_rot, rest)
   transforms = jnp.concatenate([world_rot.reshape(batch, -1, 9), offset], axis=-1)
-  transforms = transforms[:, np.asarray(inverse)]  # (B, 16, 12) in joint order
-  joints_posed = world_t[:, np.asarray(inverse)]  # (B, 16, 3)
-  blended = jax.lax.dot_general(
-      transforms.transpose(0, 2, 1).reshape(batch * 12, -1), model.weights,
-      (((1,), (1,)), ((), ())), precision=_HIGHEST).reshape(batch, 12, NUM_VERTICES)
-  # Written out as multiply-adds: XLA:CPU reduces a size-3 middle axis ~40x slower.
-  vertices = jnp.stack([
-      blended[:, 3 * i] * v_posed[:, 0] + blended[:, 3 * i + 1] * v_posed[:, 1]
-      + blended[:, 3 * i + 2] * v_posed[:, 2] + blended[:, 9 + i] for i in range(3)], axis=-1)
+  transforms = transforms[:, np.asarray(inverse)].transpose(0, 2, 1)  # (B, 12, 16), joint order
+  return transforms, world_t[:, np.asarray(inverse)]
 
-  keypoints = jnp.concatenate([joints_posed, vertices[:, np.asarray(model.tip_ids)]], axis=1)
-  keypoints = keypoints[:, np.asarray(OPENPOSE_SOURCE)]
-  shift = shift[:, None, :]
-  return ManoOutput(vertices=vertices + shift, joints=joints_posed + shift,
-                    keypoints=keypoints + shift)
+
+def _posed_vertices(model: ManoModel, coefficients: jax.Array, transforms: jax.Array,
+                    shift: jax.Array) -> jax.Array:
+  """Blend coefficients (B, 145), skinning transforms (B, 12, 16), translation (B, 3) -> the
+  posed vertices (B, 778, 3)."""
+  batch = coefficients.shape[0]
+  # Shape and pose blend shapes in one matmul: (B, 3, 778), vertices last.
+  v_posed = model.v_template.T + jnp.matmul(
+      coefficients, model.blend_directions, precision=_HIGHEST).reshape(batch, 3, NUM_VERTICES)
+  # Skinning: blend the joint transforms per vertex with one matmul (B*12, 16) x (16, 778),
+  # whose output needs no transpose, then apply them along the contiguous vertex axis.
+  blended = jax.lax.dot_general(
+      transforms.reshape(batch * 12, -1), model.weights, (((1,), (1,)), ((), ())),
+      precision=_HIGHEST).reshape(batch, 12, NUM_VERTICES)
+  # Written out as multiply-adds: XLA:CPU reduces a size-3 middle axis ~40x slower.
+  return jnp.stack([
+      blended[:, 3 * i] * v_posed[:, 0] + blended[:, 3 * i + 1] * v_posed[:, 1]
+      + blended[:, 3 * i + 2] * v_posed[:, 2] + blended[:, 9 + i] + shift[:, i, None]
+      for i in range(3)], axis=-1)
 
 
 def mano_keypoints(model: ManoModel, betas: jax.Array, hand_pose: jax.Array,
