@@ -35,13 +35,15 @@ def test_quick_rows_run_and_agree(tmp_path):
     for fw in ("jax", "torch"):
       assert got[name][fw]["samples_per_s"] > 0
     assert got[name]["flops_per_sample_analytic"] > 0
-  for row in got["mano"].values():
+  assert list(got["mano_sync"]) == ["1"]  # batch 1 again, synchronous dispatch (a child)
+  for row in [*got["mano"].values(), *got["mano_sync"].values()]:
     assert row["max_abs_vertex_diff_m"] < 1e-5
     assert row["jax"]["hands_per_s"] > 0 and row["torch"]["hands_per_s"] > 0
   assert got["pipeline"]["jax"]["samples_per_s"] > 0
   assert got["compile"]["by_depth"][0]["compile_s"] > 0
   text = benchmark.table(results)
   assert "pose train step" in text and "MANO forward, batch 3" in text
+  assert "batch 1, synchronous CPU dispatch" in text
 
 
 def test_memory_child_reports_peak_rss(tmp_path):

@@ -201,6 +201,8 @@ class JaxPose:
     from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
     self.jax, self.parallel = jax, parallel
     self.release_freed_host_memory = train_state.release_freed_host_memory
+    if jax.devices()[0].platform == "cpu":  # as the trainer does (process-wide: torch too)
+      train_state.keep_freed_host_memory()
     self.mesh = one_device_mesh()
     config = pose_config(s)
     built = train_state.build(config, self.mesh)
@@ -345,6 +347,17 @@ def bench_mano(s: Settings, mano_dir: str) -> dict[str, Any]:
     row["ratio"] = row["jax"]["hands_per_s"] / row["torch"]["hands_per_s"]
     rows[str(b)] = row
   return rows
+
+
+def bench_mano_sync(s: Settings, mano_dir: str) -> dict[str, Any]:
+  """Row 3b: batch 1 again in a child process with synchronous CPU dispatch (the setting
+  README recommends for per-hand calls; it must be set before JAX's CPU client starts)."""
+  child = dataclasses.replace(s, mano_batches=(1,))
+  cmd = [sys.executable, os.path.abspath(__file__), "--_child", "mano_sync", "--_settings",
+         json.dumps(dataclasses.asdict(child)), "--_mano_dir", mano_dir]
+  out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ))
+  return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ------------------------------------------------------------------ input pipeline
@@ -525,8 +538,10 @@ def table(results: dict[str, Any]) -> str:
       ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
       lines.append(f"| {title} ({r['flops_per_sample_analytic'] / 1e9:.3g} GFLOP/sample) | "
                    f"{cell('jax')} | {cell('torch')} | {ratio} | {goal} |")
-  for b, r in rows.get("mano", {}).items():
-    lines.append(f"| MANO forward, batch {b} (first call {r['first_call_s']:.1f} s) | "
+  mano = [(f"batch {b}", r) for b, r in rows.get("mano", {}).items()]
+  mano += [("batch 1, synchronous CPU dispatch", r) for r in rows.get("mano_sync", {}).values()]
+  for what, r in mano:
+    lines.append(f"| MANO forward, {what} (first call {r['first_call_s']:.1f} s) | "
                  f"{fmt_rate(r['jax']['hands_per_s'], 'hands/s')} | "
                  f"{fmt_rate(r['torch']['hands_per_s'], 'hands/s')} (smplx) | {r['ratio']:.1f}x | "
                  ">= 5x at 1 and 1024; compile < 10 s |")
@@ -584,6 +599,8 @@ def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) 
   if "mano" in rows:
     log("MANO ...")
     results["rows"]["mano"] = bench_mano(s, mano_dir)
+    if 1 in s.mano_batches:
+      results["rows"]["mano_sync"] = bench_mano_sync(s, mano_dir)
   if "pipeline" in rows:
     log("input pipeline ...")
     results["rows"]["pipeline"] = bench_pipeline(s)
@@ -621,7 +638,13 @@ def main(argv: list[str] | None = None) -> None:
   if args._child:  # pylint: disable=protected-access
     fields = json.loads(args._settings)  # pylint: disable=protected-access
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    print(json.dumps(child_memory(args._child, s, args._mano_dir)))  # pylint: disable=protected-access
+    if args._child == "mano_sync":  # pylint: disable=protected-access
+      import jax  # pylint: disable=import-outside-toplevel
+      jax.config.update("jax_cpu_enable_async_dispatch", False)
+      set_threads(s.threads or cpu_threads())
+      print(json.dumps(bench_mano(s, args._mano_dir)))  # pylint: disable=protected-access
+    else:
+      print(json.dumps(child_memory(args._child, s, args._mano_dir)))  # pylint: disable=protected-access
     return
   s = Settings.quick() if args.quick else Settings()
   for name in ("variant", "image_size", "batch", "n_unfrozen", "dtype"):
