@@ -42,26 +42,6 @@ class Built:
                      self.frozen)
 
 
-def keep_freed_host_memory() -> None:
-  """Makes glibc reuse freed memory instead of unmapping it (a no-op without glibc).
-
-  XLA allocates a step's temp buffer (hundreds of MB) per execution and frees it after; by
-  default glibc serves such sizes with mmap and unmaps them on free, so every step page-faults
-  the whole buffer back in (~8% of a ViT-S train step on CPU). One arena, no mmap'd chunks
-  and no automatic trimming keep it mapped between steps; release_freed_host_memory still
-  trims on request. Process-wide: train_and_evaluate calls it once.
-  """
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return
-  mallopt = getattr(libc, "mallopt", None)
-  if mallopt is not None:
-    mallopt(-8, 1)  # M_ARENA_MAX
-    mallopt(-4, 0)  # M_MMAP_MAX
-    mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
-
-
 def release_freed_host_memory() -> None:
   """Hands heap memory that was freed back to the OS (glibc's malloc_trim; a no-op elsewhere).
 

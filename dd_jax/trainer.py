@@ -47,8 +47,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.info("config:\n%s", config)
   log.info("mesh: %d devices over %d processes (%s)", jax.device_count(), jax.process_count(),
                jax.devices()[0].platform)
-  if jax.devices()[0].platform == "cpu":  # steps' buffers live in host memory
-    train_state.keep_freed_host_memory()
 
   # ---------------------------------------------------------------- data, model, optimizer
   pipeline.prepare(config.data, config.task)  # synthetic set on first use; validation pass

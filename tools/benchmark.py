@@ -201,8 +201,6 @@ class JaxPose:
     from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
     self.jax, self.parallel = jax, parallel
     self.release_freed_host_memory = train_state.release_freed_host_memory
-    if jax.devices()[0].platform == "cpu":  # as the trainer does (process-wide: torch too)
-      train_state.keep_freed_host_memory()
     self.mesh = one_device_mesh()
     config = pose_config(s)
     built = train_state.build(config, self.mesh)
