@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dd_jax import safe_pickle
-from dd_jax.data import align, array_record, egodorsal, pipeline, samples, store, synthetic
+from dd_jax.data import align, array_record, egodorsal, pipeline, samples, store
 from dd_jax.data.egodorsal import ALIGN_KEYPOINTS, MOTION_FINGERS, MOTION_LABELS
 from test_data_format import pose_data_config
 

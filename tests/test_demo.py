@@ -1,12 +1,11 @@
 """The README's demos, as a new user runs them: pose beats the prior, force beats the majority."""
 
-import glob
 import json
 import os
 
 import pytest
 
-from test_trainer import _run
+import tiny
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +21,12 @@ def _results(workdir, best_metric, best_mode):
     vals = [r for r in map(json.loads, f) if best_metric in r]
   pick = min if best_mode == "min" else max
   val = pick(vals, key=lambda r: r[best_metric])  # first of equals, as the trainer keeps it
-  (path,) = glob.glob(os.path.join(workdir, "test_metrics_epoch*.json"))
-  with open(path, encoding="utf-8") as f:
-    return val, json.load(f)
+  return val, tiny.read_test_metrics(workdir)[1]
 
 
 def test_pose_demo_beats_the_prior_by_15_percent(demo_data, tmp_path):
-  result = _run(["--config=configs/pose.py:demo", f"--workdir={tmp_path}",
-                 f"--config.data.data_dir={demo_data}"])
+  result = tiny.run_train(["--config=configs/pose.py:demo", f"--workdir={tmp_path}",
+                           f"--config.data.data_dir={demo_data}"])
   val, test = _results(str(tmp_path), "val/mpjpe", "min")
   for split, m in (("val", val), ("test", test)):
     prior = m[f"{split}/mpjpe-prior"]
@@ -39,8 +36,8 @@ def test_pose_demo_beats_the_prior_by_15_percent(demo_data, tmp_path):
 
 
 def test_force_demo_beats_the_majority_class(demo_data, tmp_path):
-  _run(["--config=configs/force.py:demo", f"--workdir={tmp_path}",
-        f"--config.data.data_dir={demo_data}"])
+  tiny.run_train(["--config=configs/force.py:demo", f"--workdir={tmp_path}",
+                  f"--config.data.data_dir={demo_data}"])
   val, test = _results(str(tmp_path), "val/acc", "max")
   for split, m in (("val", val), ("test", test)):
     assert m[f"{split}/f1_w"] > m[f"{split}/f1_w_majority"] + 0.1, (split, m)

@@ -4,7 +4,6 @@
 process that dies makes the other exit with an error instead of hanging.
 """
 
-import glob
 import json
 import os
 import socket
@@ -15,7 +14,8 @@ import time
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import tiny
+
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
@@ -36,7 +36,7 @@ def _start(workdir, data_dir, processes, devices, extra=(), env_per_process=None
     flags = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}",
                                        f"--num_processes={processes}", f"--process_id={i}",
                                        "--heartbeat_timeout_s=10"]
-    running.append(subprocess.Popen(args + flags, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    running.append(subprocess.Popen(args + flags, cwd=tiny.ROOT, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True))
   return running
 
@@ -49,15 +49,8 @@ def _finish(running, timeout=420):
 
 
 def _results(workdir):
-  losses = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        losses[row["step"]] = row["train/loss"]
-  (metrics_file,) = glob.glob(os.path.join(workdir, "test_metrics_epoch*.json"))  # best epoch's
-  with open(metrics_file, encoding="utf-8") as f:
-    test = json.load(f)
+  losses = tiny.train_losses(workdir)
+  metrics_file, test = tiny.read_test_metrics(workdir)
   record = np.load(metrics_file.replace("test_metrics", "test_outputs").replace(".json", ".npy"),
                    allow_pickle=True).item()
   return losses, test, record

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 import tiny
-from dd_jax import inference, overlays, parallel, predict, trainer
+from dd_jax import inference, parallel, predict, trainer
 from dd_jax.convert import lightning
 from dd_jax.data import align, store, transforms
 from dd_jax.data.egodorsal import CROP_KEYPOINTS

@@ -2,11 +2,8 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,7 +12,6 @@ import tiny
 from dd_jax import checkpointing, parallel, train_state, trainer
 from dd_jax.data import pipeline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _mesh(n):
@@ -85,39 +81,19 @@ def test_three_steps_on_eight_devices_match_one(tiny_dataset):
   assert losses[1][2] != losses[1][0]
 
 
-def _run(args, env_extra=None, check=True):
-  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env_extra or {}))
-  result = subprocess.run([sys.executable, "-m", "dd_jax.train", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-  if check and result.returncode != 0:
-    raise AssertionError(f"run failed ({result.returncode}):\n{result.stderr[-4000:]}")
-  return result
-
-
-def _losses(workdir):
-  """step -> the last logged train loss of that step (a resumed run re-logs some steps)."""
-  out = {}
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    for line in f:
-      row = json.loads(line)
-      if "train/loss" in row:
-        out[row["step"]] = row["train/loss"]
-  return out
-
-
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_dataset, tmp_path):
   config_arg = [f"--config=tests/tiny_config.py:pose,{tiny_dataset}", "--config.max_epochs=2",
                 "--config.test=False", "--config.checkpoint_every_steps=2"]
   reference = str(tmp_path / "uninterrupted")
-  _run(config_arg + [f"--workdir={reference}"])
+  tiny.run_train(config_arg + [f"--workdir={reference}"])
   killed = str(tmp_path / "killed")
-  result = _run(config_arg + [f"--workdir={killed}"], {"DD_JAX_SIGKILL_AT_STEP": "3"}, check=False)
+  result = tiny.run_train(config_arg + [f"--workdir={killed}"], {"DD_JAX_SIGKILL_AT_STEP": "3"}, check=False)
   assert result.returncode == -9, result.stderr[-2000:]
-  first = _losses(killed)
-  assert max(first) == 3 and max(first) < max(_losses(reference))  # died mid-epoch 2 of 2 steps/epoch
-  _run(config_arg + [f"--workdir={killed}"])
-  expected, resumed = _losses(reference), _losses(killed)
+  first = tiny.train_losses(killed)
+  assert max(first) == 3 and max(first) < max(tiny.train_losses(reference))  # died mid-epoch 2 of 2 steps/epoch
+  tiny.run_train(config_arg + [f"--workdir={killed}"])
+  expected, resumed = tiny.train_losses(reference), tiny.train_losses(killed)
   assert sorted(resumed) == sorted(expected)
   for step in expected:
     np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-6, err_msg=f"step {step}")

@@ -1,6 +1,11 @@
-"""Tiny end-to-end settings shared by the trainer, evaluation and multi-process tests."""
+"""Tiny end-to-end settings shared by the trainer, evaluation and multi-process tests, and the
+helpers that run `python -m dd_jax.train` and read a run folder back."""
 
+import glob
+import json
 import os
+import subprocess
+import sys
 
 from dd_jax import default_config
 from dd_jax.data import synthetic
@@ -39,3 +44,34 @@ def config(task: str, data_dir: str, **overrides):
     target[leaf] = value
   return c
 
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(args, env_extra=None, check=True):
+  """`python -m dd_jax.train ARGS` on one CPU device; raises with its stderr when it fails."""
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", **(env_extra or {}))
+  result = subprocess.run([sys.executable, "-m", "dd_jax.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f"run failed ({result.returncode}):\n{result.stderr[-4000:]}")
+  return result
+
+
+def train_losses(workdir):
+  """step -> the last logged train loss of that step (a resumed run re-logs some steps)."""
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      if "train/loss" in row:
+        out[row["step"]] = row["train/loss"]
+  return out
+
+
+def read_test_metrics(workdir):
+  """(path, metrics) of the run's one test_metrics_epoch{N}.json (the best epoch's)."""
+  (path,) = glob.glob(os.path.join(workdir, "test_metrics_epoch*.json"))
+  with open(path, encoding="utf-8") as f:
+    return path, json.load(f)

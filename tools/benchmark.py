@@ -350,9 +350,13 @@ def bench_mano(s: Settings, mano_dir: str) -> dict[str, Any]:
 def bench_mano_sync(s: Settings, mano_dir: str) -> dict[str, Any]:
   """Row 3b: batch 1 again in a child process with synchronous CPU dispatch (the setting
   README recommends for per-hand calls; it must be set before JAX's CPU client starts)."""
-  child = dataclasses.replace(s, mano_batches=(1,))
-  cmd = [sys.executable, os.path.abspath(__file__), "--_child", "mano_sync", "--_settings",
-         json.dumps(dataclasses.asdict(child)), "--_mano_dir", mano_dir]
+  return run_child("mano_sync", dataclasses.replace(s, mano_batches=(1,)), mano_dir)
+
+
+def run_child(kind: str, s: Settings, mano_dir: str) -> dict[str, Any]:
+  """This script as a child process (`--_child kind`); returns the JSON it prints last."""
+  cmd = [sys.executable, os.path.abspath(__file__), "--_child", kind, "--_settings",
+         json.dumps(dataclasses.asdict(s)), "--_mano_dir", mano_dir]
   out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
                        env=dict(os.environ))
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -444,14 +448,8 @@ def child_memory(framework: str, s: Settings, mano_dir: str) -> dict[str, Any]:
 
 
 def bench_memory(s: Settings, mano_dir: str) -> dict[str, Any]:
-  row = {}
   child = dataclasses.replace(s, backbone_fields=dataclasses.asdict(backbone_config(s)))
-  for framework in ("torch", "jax"):
-    cmd = [sys.executable, os.path.abspath(__file__), "--_child", framework, "--_settings",
-           json.dumps(dataclasses.asdict(child)), "--_mano_dir", mano_dir]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT,
-                         env=dict(os.environ))
-    row[framework] = json.loads(out.stdout.strip().splitlines()[-1])
+  row = {framework: run_child(framework, child, mano_dir) for framework in ("torch", "jax")}
   row["ratio"] = row["jax"]["peak_rss_mib"] / row["torch"]["peak_rss_mib"]
   return row
 
@@ -526,7 +524,6 @@ def table(results: dict[str, Any]) -> str:
   """The README table: one line per measurement with dd_jax, PyTorch, ratio and the goal."""
   lines = ["| row | dd_jax | PyTorch | ratio | goal |", "|---|---|---|---|---|"]
   rows = results["rows"]
-  peak = results.get("matmul_peak", {}).get("best", float("nan"))
   for name, title, goal in (("train", "pose train step", ">= 1.15x, >= 80% of peak"),
                             ("infer", "pose inference", ">= 1.2x, >= 80% of peak")):
     if name in rows:

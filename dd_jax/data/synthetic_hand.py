@@ -220,7 +220,8 @@ def shade_hand(rig: HandRig, look: Appearance, raster: render.Raster, vertices_c
 
   # A pressing finger tenses: the skin over its metacarpal and along the finger flushes.
   for k in range(5):
-    tense[label == k] = np.maximum(tense[label == k], press[k])
+    on_finger = label == k
+    tense[on_finger] = np.maximum(tense[on_finger], press[k])
   flush = PRESS_FLUSH * np.clip(tense, 0, 1) * on_back
   albedo = albedo + flush[:, None] * (PRESS_TONE - albedo)
 
