@@ -35,15 +35,20 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return loss_fn(model, batch, consts)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    scale = state["plateau"].scale
-    updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
-    params = optax.apply_updates(state["params"], updates)
+
+    def update(params, opt_state):
+      updates, opt_state = tx.update(grads, opt_state, params)
+      scale = state["plateau"].scale
+      updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
+      return optax.apply_updates(params, updates), opt_state
+
+    # A branch rather than a select between new and old: selecting keeps a copy of the old
+    # optimizer state alive through the whole step (~75 MiB for ViT-S with 3 trained blocks).
     finite = jnp.isfinite(loss)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state["params"],
+                                     state["opt_state"])
     new_state = dict(state, step=state["step"] + finite.astype(state["step"].dtype),
-                     params=keep(params, state["params"]),
-                     opt_state=keep(opt_state, state["opt_state"]))
+                     params=params, opt_state=opt_state)
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return new_state, metrics
 

@@ -409,3 +409,41 @@ def test_param_counts_match_transformers_for_every_variant():
     abstract = nnx.eval_shape(lambda c=config: dinov3.DinoV3(c, rngs=nnx.Rngs(0)))
     k_bias = config.depth * config.dim if config.qkv_bias else 0
     assert dinov3.count_params(abstract) == hf_count - config.dim + k_bias, name
+
+
+@pytest.mark.parametrize("name", ["vits16_like", "vits16plus_like"])
+def test_gradients_match_transformers(cases, name):
+  """Parameter and image gradients of every block (the hand-written backward passes of the
+  attention, LayerNorm and GELU MLP) against torch autograd through DINOv3ViTModel."""
+  model, _, hf_dir, _ = cases[name]
+  gen = torch.Generator().manual_seed(7)
+  images = torch.randn(2, 3, 32, 48, generator=gen, requires_grad=True)
+  weights = torch.randn(2, 6 + 1, model.config.hidden_size, generator=gen)  # cls + 2x3 patches
+  model.zero_grad()
+  hidden = model(pixel_values=images).last_hidden_state
+  (torch.sum(hidden[:, 0] * weights[:, 0]) + torch.sum(hidden[:, 5:] * weights[:, 1:])).backward()
+  grad_sd = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+             for k, p in model.named_parameters()}
+  result = convert_dinov3.convert_with_report(hf_dir)
+  _, expected = convert_dinov3.hf_state_dict_to_params(grad_sd, result.config)
+  expected = {params_lib.path_str(p): np.asarray(v) for p, v in params_lib.flatten_params(expected)
+              if params_lib.path_str(p) != "rope_periods"}  # a buffer, not trained
+
+  jmodel = dinov3.DinoV3(result.config, rngs=nnx.Rngs(0))
+  params_lib.assign_params(jmodel, result.params)
+  graphdef, params, rest = nnx.split(jmodel, nnx.Param, ...)
+  w = jnp.asarray(weights.numpy())
+
+  def loss(params, images):
+    out = nnx.merge(graphdef, params, rest)(images, return_extras=True)
+    return jnp.sum(out["cls"] * w[:, 0]) + jnp.sum(out["patch"].reshape(2, 6, -1) * w[:, 1:])
+
+  grads, image_grad = jax.jit(jax.grad(loss, argnums=(0, 1)))(
+      params, jnp.asarray(images.detach().numpy().transpose(0, 2, 3, 1)))
+  got = {params_lib.path_str(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(grads)}
+  assert set(got) == set(expected)
+  for key, ref in expected.items():
+    scale = max(np.abs(ref).max(), 1e-3)
+    assert np.abs(got[key] - ref).max() < 2e-5 * scale, (key, np.abs(got[key] - ref).max(), scale)
+  ref = images.grad.numpy().transpose(0, 2, 3, 1)
+  assert np.abs(np.asarray(image_grad) - ref).max() < 2e-5 * np.abs(ref).max()

@@ -7,6 +7,7 @@ after the final LayerNorm, with the class and storage tokens available on reques
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -159,12 +160,57 @@ class LayerNorm(nnx.Module):
     self.out_dtype = out_dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    mean = jnp.mean(x, axis=-1, keepdims=True)
-    centred = x - mean
-    var = jnp.mean(jnp.square(centred), axis=-1, keepdims=True)
-    y = centred * jax.lax.rsqrt(var + self.eps) * self.scale[...] + self.bias[...]
-    return y.astype(self.out_dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], self.eps, self.out_dtype)
+
+
+# Two hand-written backward passes keep the train step's saved activations to what the
+# backward cannot recompute cheaply. Each recomputes its elementwise part from a kept input
+# made to depend on the incoming cotangent (`_after`).
+
+
+def _after(x: jax.Array, ct: jax.Array) -> jax.Array:
+  """x, computed only once `ct` exists (x + 0 * one element of ct). XLA:CPU removes
+  optimization barriers before common-subexpression elimination, so a recomputation from x
+  alone is merged back into the forward pass, keeping the activation it was meant to drop."""
+  return x + (0 * ct.reshape(-1)[0]).astype(x.dtype)
+
+
+def _layer_norm_stats(x: jax.Array, eps: float):
+  x = x.astype(jnp.float32)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centred = x - mean
+  rstd = jax.lax.rsqrt(jnp.mean(jnp.square(centred), axis=-1, keepdims=True) + eps)
+  return centred, mean, rstd
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float, out_dtype
+               ) -> jax.Array:
+  """PyTorch's LayerNorm over the last axis; the backward keeps only x and two statistics."""
+  centred, _, rstd = _layer_norm_stats(x, eps)
+  return (centred * rstd * scale + bias).astype(out_dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, eps, out_dtype):
+  centred, mean, rstd = _layer_norm_stats(x, eps)
+  return (centred * rstd * scale + bias).astype(out_dtype), (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, out_dtype, residuals, ct):
+  del eps, out_dtype
+  x, mean, rstd, scale = residuals
+  x = _after(x, ct)
+  normed = (x.astype(jnp.float32) - mean) * rstd
+  ct = ct.astype(jnp.float32)
+  rows = tuple(range(ct.ndim - 1))
+  d_scale, d_bias = jnp.sum(ct * normed, axis=rows), jnp.sum(ct, axis=rows)
+  g = ct * scale
+  dx = rstd * (g - jnp.mean(g, axis=-1, keepdims=True)
+               - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
+  return dx.astype(x.dtype), d_scale, d_bias
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 class LayerScale(nnx.Module):
@@ -270,21 +316,59 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(q, k, qkv[:, :, 2],
                                          implementation=self.attention_implementation)
       return self.proj(out.reshape(b, t, d))
-    # Heads-major (3, B, N, T, hd): both attention matmuls are plain batched matmuls. The
-    # softmax is normalised after the value matmul (dividing (T, hd) instead of (T, T)), with
-    # logits, exponentials and sums in float32 for bf16 inputs too.
     qkv = self.qkv(x).reshape(b, t, 3, n, d // n).transpose(2, 0, 3, 1, 4)
     q = apply_rope(qkv[0] * jnp.asarray((d // n) ** -0.5, qkv.dtype), cos, sin)
     k = apply_rope(qkv[1], cos, sin)
-    logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32)
-    weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(qkv.dtype), qkv[2],
-                     preferred_element_type=jnp.float32)
-    out = (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(qkv.dtype)
-    return self.proj(out.transpose(0, 2, 1, 3).reshape(b, t, d))
+    return self.proj(attention(q, k, qkv[2]).reshape(b, t, d))
 
 
-_gelu_recomputed = jax.checkpoint(lambda h: jax.nn.gelu(h, approximate=False))
+def _attention_forward(q, k, v):
+  logits = jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=jnp.float32)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  weights = jnp.exp(logits - row_max)
+  total = jnp.sum(weights, axis=-1, keepdims=True)
+  out = jnp.einsum("bnqk,bnkd->bnqd", weights.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out = (out / total).astype(v.dtype).transpose(0, 2, 1, 3)
+  return out, row_max + jnp.log(total)
+
+
+@jax.custom_vjp
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v for heads-major q, k, v (B, N, T, hd) -> (B, T, N, hd).
+
+  Both matmuls are plain batched matmuls; the softmax is normalised after the value matmul
+  (dividing (T, hd) instead of (T, T)); logits, exponentials and sums are float32 for bf16
+  inputs too. The backward keeps q, k, v, the output and the log-sum-exp and recomputes the
+  (T, T) weights, as flash attention does, instead of keeping them for every trained block.
+  """
+  return _attention_forward(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  out, log_sum_exp = _attention_forward(q, k, v)
+  return out, (q, k, v, out, log_sum_exp)
+
+
+def _attention_bwd(residuals, ct):
+  q, k, v, out, log_sum_exp = residuals
+  q = _after(q, ct)
+  f32 = jnp.float32
+  weights = jnp.exp(jnp.einsum("bnqd,bnkd->bnqk", q, k, preferred_element_type=f32)
+                    - log_sum_exp)
+  ct_heads = ct.transpose(0, 2, 1, 3).astype(v.dtype)
+  dv = jnp.einsum("bnqk,bnqd->bnkd", weights.astype(v.dtype), ct_heads,
+                  preferred_element_type=f32)
+  d_weights = jnp.einsum("bnqd,bnkd->bnqk", ct_heads, v, preferred_element_type=f32)
+  # softmax backward: dlogits = w * (dw - sum_k w dw), and sum_k w dw = sum_d ct * out.
+  row_dot = jnp.sum(ct.astype(f32) * out.astype(f32), axis=-1).transpose(0, 2, 1)[..., None]
+  d_logits = (weights * (d_weights - row_dot)).astype(q.dtype)
+  dq = jnp.einsum("bnqk,bnkd->bnqd", d_logits, k, preferred_element_type=f32)
+  dk = jnp.einsum("bnqk,bnqd->bnkd", d_logits, q, preferred_element_type=f32)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Mlp(nnx.Module):
@@ -294,9 +378,44 @@ class Mlp(nnx.Module):
     self.fc2 = _linear(hidden, dim, use_bias=True, dtype=dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    # Exact erf, as torch. Only fc1's output is kept for the backward, which recomputes the
-    # (elementwise) GELU: one (tokens, hidden) activation per trained block instead of two.
-    return self.fc2(_gelu_recomputed(self.fc1(x)))
+    fc2 = self.fc2
+    return gelu_dense(self.fc1(x), fc2.kernel[...], fc2.bias[...], fc2.dtype or x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gelu_dense(h: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+  """gelu(h) @ kernel + bias (exact erf GELU, as torch) computed in `dtype`; the backward
+  keeps only h and recomputes gelu(h): one (tokens, hidden) activation per trained block."""
+  return _dense(jax.nn.gelu(h.astype(dtype), approximate=False), kernel, bias, dtype)
+
+
+def _dense(x, kernel, bias, dtype):
+  return jnp.dot(x, kernel.astype(dtype)) + bias.astype(dtype)
+
+
+def _gelu_dense_fwd(h, kernel, bias, dtype):
+  return gelu_dense(h, kernel, bias, dtype), (h, kernel)
+
+
+def _gelu_dense_bwd(dtype, residuals, ct):
+  h, kernel = residuals
+  h = _after(h, ct)
+  x = h.astype(dtype)
+  ct = ct.astype(dtype)
+  features = x.shape[-1]
+  ct_rows = ct.reshape(-1, ct.shape[-1])
+  d_kernel = jnp.dot(jax.nn.gelu(x, approximate=False).reshape(-1, features).T, ct_rows,
+                     preferred_element_type=jnp.float32)
+  d_bias = jnp.sum(ct_rows.astype(jnp.float32), axis=0)
+  # d/dx [x Phi(x)] = Phi(x) + x phi(x)
+  x32 = x.astype(jnp.float32)
+  slope = 0.5 * (1.0 + jax.lax.erf(x32 * np.float32(1 / math.sqrt(2)))) + x32 * jnp.exp(
+      -0.5 * jnp.square(x32)) * np.float32(1 / math.sqrt(2 * math.pi))
+  dh = jnp.dot(ct, kernel.astype(dtype).T, preferred_element_type=jnp.float32) * slope
+  return dh.astype(h.dtype), d_kernel.astype(kernel.dtype), d_bias.astype(kernel.dtype)
+
+
+gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
 
 
 class SwiGLU(nnx.Module):
