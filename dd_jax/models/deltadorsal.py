@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dd_jax.models import dinov3
+from dd_jax.models.dinov3 import gelu
 # Re-exported: tools/benchmark.py calls deltadorsal.assign_params.
 from dd_jax.params import assign_params  # pylint: disable=unused-import
 
@@ -55,11 +56,6 @@ def torch_conv(in_features: int, out_features: int, kernel: int, *, rngs: nnx.Rn
                   kernel_init=torch_default_kernel_init(),
                   bias_init=torch_default_bias_init(in_features * kernel * kernel),
                   rngs=rngs, **kwargs)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-  """torch.nn.GELU() is the exact erf form; jax.nn.gelu defaults to the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
 
 
 def cosine_similarity(a: jax.Array, b: jax.Array, *, axis: int = -1,
