@@ -13,7 +13,6 @@ from dd_jax import checkpointing, parallel, train_state, trainer
 from dd_jax.data import pipeline
 
 
-
 def _mesh(n):
   return jax.make_mesh((n,), (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
                        devices=jax.devices()[:n])
@@ -88,10 +87,12 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_datase
   reference = str(tmp_path / "uninterrupted")
   tiny.run_train(config_arg + [f"--workdir={reference}"])
   killed = str(tmp_path / "killed")
-  result = tiny.run_train(config_arg + [f"--workdir={killed}"], {"DD_JAX_SIGKILL_AT_STEP": "3"}, check=False)
+  result = tiny.run_train(config_arg + [f"--workdir={killed}"], {"DD_JAX_SIGKILL_AT_STEP": "3"},
+                          check=False)
   assert result.returncode == -9, result.stderr[-2000:]
   first = tiny.train_losses(killed)
-  assert max(first) == 3 and max(first) < max(tiny.train_losses(reference))  # died mid-epoch 2 of 2 steps/epoch
+  # died mid-epoch 2 of 2 steps/epoch
+  assert max(first) == 3 and max(first) < max(tiny.train_losses(reference))
   tiny.run_train(config_arg + [f"--workdir={killed}"])
   expected, resumed = tiny.train_losses(reference), tiny.train_losses(killed)
   assert sorted(resumed) == sorted(expected)

@@ -45,7 +45,6 @@ def config(task: str, data_dir: str, **overrides):
   return c
 
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
