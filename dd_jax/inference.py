@@ -20,10 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dd_jax import checkpointing, default_config, losses, optim, tasks
+from dd_jax import checkpointing, default_config, losses, optim
 from dd_jax.convert import lightning
 from dd_jax.data import store, transforms
 from dd_jax.data.egodorsal import MOTION_LABELS
+from dd_jax.mano import io as mano_io
 from dd_jax.mano import model as mano_model
 from dd_jax.models import deltadorsal
 
@@ -268,7 +269,8 @@ def load(path: str, *, config: ml_collections.ConfigDict | None = None, step: in
     if predictor_config.mano.path and not os.path.isfile(predictor_config.mano.path):
       raise FileNotFoundError(f"{predictor_config.mano.path}: the MANO model of {source} is not "
                               "there; give its location (mano_path= / --mano)")
-    mano = tasks.load_mano_from_config(predictor_config)
+    mano = mano_io.load_mano_or_synthetic(predictor_config.mano.path,
+                                               tip_ids=tuple(predictor_config.mano.tip_ids))
     mano_source = predictor_config.mano.path or SYNTHETIC_MANO
   return Predictor(predictor_config, source, graphdef, states, mano, mano_source)
 
@@ -380,6 +382,7 @@ def from_model(config: ml_collections.ConfigDict, model: nnx.Module, *, source: 
   if config.task == "pose":
     if mano_path is not None:
       config.mano.path = mano_path
-    mano = tasks.load_mano_from_config(config)
+    mano = mano_io.load_mano_or_synthetic(config.mano.path,
+                                               tip_ids=tuple(config.mano.tip_ids))
     mano_source = config.mano.path or SYNTHETIC_MANO
   return Predictor(config, source, graphdef, (trainable, frozen), mano, mano_source)

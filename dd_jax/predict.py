@@ -32,9 +32,10 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dd_jax import inference, overlays
+from dd_jax import inference
 from dd_jax.convert import lightning
 from dd_jax.data import store
+from dd_jax.viz import overlays
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 SUMMARY_FILE = "predict_summary.json"

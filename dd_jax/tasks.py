@@ -13,17 +13,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dd_jax import losses, metrics, pictures
+from dd_jax import losses, metrics
 from dd_jax.mano import io as mano_io
-from dd_jax.mano import synthetic as mano_synthetic
-
-
-def load_mano_from_config(config: ml_collections.ConfigDict):
-  """config.mano.path, or the synthetic MANO-format hand when it is empty."""
-  tip_ids = tuple(config.mano.tip_ids)
-  if config.mano.path:
-    return mano_io.load_mano(config.mano.path, tip_ids=tip_ids)
-  return mano_synthetic.synthetic_mano_model(tip_ids=tip_ids)
+from dd_jax.viz import pictures
 
 
 class PoseTask:
@@ -31,7 +23,8 @@ class PoseTask:
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
-    self.consts = {"mano": load_mano_from_config(config)}
+    self.consts = {"mano": mano_io.load_mano_or_synthetic(
+        config.mano.path, tip_ids=tuple(config.mano.tip_ids))}
     self.faces = np.asarray(self.consts["mano"].faces)
 
   def _forward(self, model, batch, consts):

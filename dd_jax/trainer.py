@@ -15,11 +15,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from dd_jax import checkpointing, evaluation, logs, optim, parallel, train_state
 from dd_jax.logs import log
-from dd_jax.data import pipeline
+from dd_jax.data import pipeline, validation
+from dd_jax.synthetic import dataset as synthetic_dataset
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -49,7 +51,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                jax.devices()[0].platform)
 
   # ---------------------------------------------------------------- data, model, optimizer
-  pipeline.prepare(config.data, config.task)  # synthetic set on first use; validation pass
+  prepare_data(config.data, config.task)
   if config.task == "force" and not config.loss.class_counts:
     config.loss.class_counts = pipeline.class_counts(config.data, config.data.train_split,
                                                      config.model.head.n_classes)
@@ -118,6 +120,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 # ------------------------------------------------------------------ pieces of the run
+
+
+def prepare_data(data_config: ml_collections.ConfigDict, task: str) -> None:
+  """Generates the synthetic set when the config asks for one (the demo) and it is not there
+  yet, then checks every file the run will read (data.validate)."""
+  synthetic = data_config.synthetic
+  if synthetic.enabled:
+    synthetic_dataset.ensure_synthetic_dataset(
+        data_config.data_dir, participants=synthetic.participants, trials=synthetic.trials,
+        frames=synthetic.frames, image_size=synthetic.image_size, seed=synthetic.seed)
+  if data_config.validate:
+    logging.info("%s", validation.validate_dataset(data_config, task))
 
 
 def _checkpoint_to_restore(config, manager):

@@ -48,7 +48,7 @@ def test_quick_rows_run_and_agree(tmp_path):
 
 def test_memory_child_reports_peak_rss(tmp_path):
   """The child-process measurement, run in-process here (the script runs it as a subprocess)."""
-  import torch_reference  # pylint: disable=import-outside-toplevel
+  from reference import deltadorsal as torch_reference  # pylint: disable=import-outside-toplevel
   s = tiny_settings()
   torch_reference.make_mano(str(tmp_path))
   out = benchmark.child_memory("torch", s, str(tmp_path))
@@ -58,7 +58,7 @@ def test_memory_child_reports_peak_rss(tmp_path):
 def test_analytic_flops_match_a_hand_count():
   """ViT-S/16 at 224: 201 tokens; 24 T D^2 + 4 T^2 D per block (matmuls of one image)."""
   from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
-  import torch_reference  # pylint: disable=import-outside-toplevel
+  from reference import deltadorsal as torch_reference  # pylint: disable=import-outside-toplevel
   config = dinov3.get_config("dinov3_vits16")
   t, d = 201, 384
   per_image = torch_reference.matmul_flops_per_image(config, 224, 224)

@@ -10,7 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from dd_jax.data import egodorsal, pipeline, render, store, synthetic, transforms
+from dd_jax.data import egodorsal, pipeline, store, transforms, validation
+from dd_jax.synthetic import dataset as synthetic
+from dd_jax.synthetic import render
+from dd_jax.viz import draw
 from dd_jax.data.egodorsal import DatasetFormatError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,7 +84,7 @@ def test_leave_one_out_roles(tiny_dataset):
   assert {f.p_id for f in frames} == {1}
   bad = pose_data_config(tiny_dataset, leave_one_out=True, val_participants=(2,), test_participants=(2, 9))
   with pytest.raises(DatasetFormatError) as e:
-    pipeline.validate_dataset(bad)
+    validation.validate_dataset(bad)
   assert "[9]" in str(e.value) and "both" in str(e.value)
 
 
@@ -98,7 +101,7 @@ def test_distortion_lengths():
 
 
 def test_validation_passes_and_is_fast_on_many_frames(tiny_dataset, tmp_path):
-  assert "24 frames" in pipeline.validate_dataset(pose_data_config(tiny_dataset), splits=["all"])
+  assert "24 frames" in validation.validate_dataset(pose_data_config(tiny_dataset), splits=["all"])
   # 170k frames referencing existing files: JSON + directory listings only.
   root = _copy(tiny_dataset, tmp_path)
   with open(os.path.join(root, "frames.json")) as f:
@@ -108,7 +111,7 @@ def test_validation_passes_and_is_fast_on_many_frames(tiny_dataset, tmp_path):
   with open(os.path.join(root, "frames.json"), "w") as f:
     json.dump(data, f)
   start = time.perf_counter()
-  summary = pipeline.validate_dataset(pose_data_config(root), splits=["all"])
+  summary = validation.validate_dataset(pose_data_config(root), splits=["all"])
   assert "170000 frames" in summary
   assert time.perf_counter() - start < 20.0
 
@@ -128,7 +131,7 @@ def test_validation_lists_every_problem(tiny_dataset, tmp_path):
   _edit_json(os.path.join(root, "trials.json"),
              lambda d: d["trials"][1].update(motion_type="juggling"))
   with pytest.raises(DatasetFormatError) as e:
-    pipeline.validate_dataset(pose_data_config(root), splits=["all"])
+    validation.validate_dataset(pose_data_config(root), splits=["all"])
   message = str(e.value)
   assert "frame 1: hamer_path" in message and "frame_00001.npy not found" in message
   assert "cropped_img_path" in message and "frame_00002.jpg not found" in message
@@ -142,7 +145,7 @@ def test_validation_lists_every_problem(tiny_dataset, tmp_path):
   assert len(e.value.problems) >= 5
   # The pose task does not care about motion types; the force task names the trial.
   with pytest.raises(DatasetFormatError) as e:
-    pipeline.validate_dataset(pose_data_config(root), task="force", splits=["all"])
+    validation.validate_dataset(pose_data_config(root), task="force", splits=["all"])
   assert "trial 2 (participant 1): unknown motion type 'juggling'" in str(e.value)
 
 
@@ -307,17 +310,17 @@ def test_rasterizer_matches_brute_force():
   assert agree.mean() > 0.99  # ties on shared edges may go either way
   both = (raster.face >= 0) & (face >= 0)
   np.testing.assert_allclose(raster.depth[both], depth[both], rtol=1e-5)
-  mesh = render.render_mesh(vertices, faces, K, (24, 20), background=np.full((20, 24, 3), 9, np.uint8))
+  mesh = draw.render_mesh(vertices, faces, K, (24, 20), background=np.full((20, 24, 3), 9, np.uint8))
   assert mesh.shape == (20, 24, 3) and (mesh[raster.face < 0] == 9).all()
 
 
 def test_draw_hand_keypoints():
   image = np.zeros((64, 64, 3), np.uint8)
   points = np.stack([np.linspace(5, 58, 21), np.linspace(8, 50, 21)], 1)
-  out = render.draw_hand_keypoints(image, points, (0, 255, 0))
+  out = draw.draw_hand_keypoints(image, points, (0, 255, 0))
   assert image.max() == 0 and out[..., 1].max() == 255 and out[..., 0].max() == 0
   assert out[int(points[10, 1]), int(points[10, 0]), 1] > 0
-  colored = render.draw_keypoints(image, points)
+  colored = draw.draw_hand_keypoints(image, points)
   assert len({tuple(c) for c in colored.reshape(-1, 3)}) > 5
   with pytest.raises(ValueError):
-    render.draw_hand_keypoints(image, points[:20])
+    draw.draw_hand_keypoints(image, points[:20])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from dd_jax import safe_pickle
-from dd_jax.data import align, array_record, egodorsal, pipeline, samples, store
+from dd_jax.data import align, array_record, egodorsal, pipeline, samples, store, validation
 from dd_jax.data.egodorsal import ALIGN_KEYPOINTS, MOTION_FINGERS, MOTION_LABELS
 from test_data_format import pose_data_config
 
@@ -141,7 +141,7 @@ def test_online_alignment_recovers_known_homography(tiny_dataset):
 def test_array_record_gives_the_same_samples(tiny_dataset, packed, task, precropped):
   folder = _reader(pose_data_config(tiny_dataset, precropped=precropped, random_base=False), task)
   config = pose_data_config(packed, format="array_record", precropped=precropped, random_base=False)
-  assert "24 frames" in pipeline.validate_dataset(config, task, splits=["all"])
+  assert "24 frames" in validation.validate_dataset(config, task, splits=["all"])
   packed_reader = _reader(config, task)
   assert len(packed_reader) == len(folder) == 24
   for number in range(0, 24, 5):
@@ -218,7 +218,7 @@ def test_content_errors_name_frame_and_file(tiny_dataset, tmp_path):
       packed_reader.read(number, None)
     assert str(e.value).replace(out, root) == messages[number]
   with pytest.raises(egodorsal.DatasetFormatError, match="frame 0: .*file not found"):
-    pipeline.validate_dataset(pose_data_config(out, format="array_record"), splits=["all"])
+    validation.validate_dataset(pose_data_config(out, format="array_record"), splits=["all"])
 
 
 def test_unknown_trial_and_motion_type(tiny_dataset, tmp_path):
@@ -291,7 +291,7 @@ def test_prior_keypoints_2d_follow_the_crop_and_resize(tiny_dataset):
 
 
 def test_val_panel_draws_the_prior_on_its_2d_keypoints():
-  from dd_jax import pictures  # pylint: disable=g-import-not-at-top
+  from dd_jax.viz import pictures  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   prior = rng.normal(0, 0.04, (21, 3))
   camera = np.array([[400.0, 30.0, -20.0, 20.0], [-25.0, 380.0, 15.0, 18.0]])

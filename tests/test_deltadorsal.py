@@ -1,9 +1,7 @@
 """DeltaDorsal heads and networks against the PyTorch implementation of SPEC.md §2 in
-tools/torch_reference.py (the one the benchmark times)."""
+tests/reference/deltadorsal.py (the one the benchmark times)."""
 
 import math
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +13,8 @@ from flax import nnx
 from torch import nn
 
 from dd_jax.models import deltadorsal
+from reference import deltadorsal as tr
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
-import torch_reference as tr  # noqa: E402  pylint: disable=wrong-import-position
 
 torch.manual_seed(0)
 D, Z, HW, B, HIDDEN = 24, 32, (4, 5), 3, 40

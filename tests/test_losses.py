@@ -1,8 +1,6 @@
-"""Pose and force losses against PyTorch written from SPEC.md §2.5 (pose: tools/torch_reference.py
+"""Pose and force losses against PyTorch written from SPEC.md §2.5 (pose: tests/reference/deltadorsal.py
 through smplx's MANO)."""
 
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +9,9 @@ import pytest
 import torch
 
 from dd_jax import losses
+from reference import deltadorsal as tr
 from dd_jax.mano import io as mano_io
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                "tools"))
-import torch_reference as tr  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture(scope="module")

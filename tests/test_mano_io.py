@@ -14,7 +14,7 @@ import pytest
 from dd_jax import safe_pickle
 from dd_jax.mano import io as mano_io
 from dd_jax.mano import model as mano_model
-from dd_jax.mano import synthetic
+from dd_jax.synthetic import hand as synthetic
 
 OFFICIAL_GLOBALS = {
     "numpy.core.multiarray _reconstruct", "numpy ndarray", "numpy dtype", "__builtin__ set",

@@ -10,7 +10,7 @@ import pytest
 
 from dd_jax import geometry
 from dd_jax.mano import model as mano_model
-from dd_jax.mano import synthetic
+from dd_jax.synthetic import hand as synthetic
 
 BATCH = 8
 

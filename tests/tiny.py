@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 from dd_jax import default_config
-from dd_jax.data import synthetic
+from dd_jax.synthetic import dataset as synthetic
 
 # 3 participants x 2 trials x 4 frames: train = participant 1 (8 frames), val = 2, test = 3.
 DATASET = dict(participants=3, trials=2, frames=4, image_size=256, seed=0)

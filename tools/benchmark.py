@@ -27,7 +27,7 @@ import types
 from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (ROOT, os.path.join(ROOT, "tools")):
+for _path in (ROOT, os.path.join(ROOT, "tests")):  # dd_jax and tests/reference
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
@@ -164,7 +164,7 @@ def pose_config(s: Settings, depth: int | None = None, n_unfrozen: int | None = 
   c.model.backbone.n_unfrozen_blocks = s.n_unfrozen if n_unfrozen is None else n_unfrozen
   c.data.out_img_size = s.image_size
   c.data.batch_size = s.batch
-  c.mano.path = ""  # the synthetic MANO-format hand (the same one torch_reference writes)
+  c.mano.path = ""  # the synthetic MANO-format hand (the same one reference.deltadorsal writes)
   return c
 
 
@@ -186,13 +186,13 @@ def one_device_mesh():
 
 
 def torch_pose(s: Settings, mano_dir: str):
-  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
   return tr.PoseRunner(backbone_config(s), s.n_unfrozen, mano_dir)
 
 
 class JaxPose:
   """dd_jax's compiled train step (train_state.build, as the trainer uses it), with the weights
-  of a torch_reference.PoseRunner when given one, and a compiled forward for inference."""
+  of a reference.deltadorsal.PoseRunner when given one, and a compiled forward for inference."""
 
   def __init__(self, s: Settings, torch_runner=None):
     import jax  # pylint: disable=import-outside-toplevel
@@ -207,10 +207,10 @@ class JaxPose:
     self.built = built
     state, frozen = built.state, built.frozen
     if torch_runner is not None:
-      import torch_reference as tr  # pylint: disable=import-outside-toplevel
+      from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
       model = built.model()
       deltadorsal.assign_params(model, tr.jax_params(torch_runner.net, backbone_config(s)),
-                                source="torch_reference")
+                                source="reference.deltadorsal")
       is_trainable = optim.trainable_filter(backbone_config(s).depth, s.n_unfrozen)
       _, trainable, frozen = nnx.split(model, is_trainable, ...)
       state = dict(state, params=trainable, opt_state=built.tx.init(trainable))
@@ -262,7 +262,7 @@ def _xla_flops(compiled) -> float:
 
 def bench_pose(s: Settings, peak: float, mano_dir: str) -> dict[str, Any]:
   """Rows 1 and 2: train step and inference, samples/s and fraction of the matmul peak."""
-  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
   host = host_batch(s)
   torch_runner = None if s.jax_only else torch_pose(s, mano_dir)
   jax_pose = JaxPose(s, torch_runner)
@@ -307,7 +307,7 @@ def bench_mano(s: Settings, mano_dir: str) -> dict[str, Any]:
   """Row 3: hands/s of jitted mano_forward and smplx's MANO (no grad), per batch size."""
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import model as mano_model  # pylint: disable=import-outside-toplevel
   smplx_mano = tr.make_mano(mano_dir)
@@ -385,7 +385,7 @@ def synthetic_jpegs(size: int, count: int = 4, seed: int = 0) -> list[bytes]:
 def bench_pipeline(s: Settings) -> dict[str, Any]:
   """Row 4: per-sample decode + augment both images + resize + normalise, one process."""
   import torch  # pylint: disable=import-outside-toplevel
-  import torch_reference as tr  # pylint: disable=import-outside-toplevel
+  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
   from dd_jax.data import samples, store  # pylint: disable=import-outside-toplevel
   jpegs = synthetic_jpegs(s.crop_size)
   augment, finalize = samples.Augment(), samples.Finalize(s.out_size)
@@ -581,7 +581,7 @@ def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) 
                              "settings": dataclasses.asdict(s), "rows": {}}
   mano_dir = tempfile.mkdtemp(prefix="dd_jax_bench_mano_")
   if not s.jax_only:
-    import torch_reference as tr  # pylint: disable=import-outside-toplevel
+    from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
     tr.make_mano(mano_dir)  # writes the synthetic MANO_RIGHT.pkl the children read
   if {"train", "infer"} & set(rows):
     log("matmul peak ...")

@@ -11,7 +11,7 @@ import json
 
 from absl import app, flags
 
-from dd_jax.data import synthetic
+from dd_jax.synthetic import dataset as synthetic
 
 _OUT = flags.DEFINE_string("out", None, "output folder (must not exist or be empty)", required=True)
 _PARTICIPANTS = flags.DEFINE_integer("participants", 8, "participants (splits: last = test, "

@@ -1,4 +1,4 @@
-r"""Writes the synthetic MANO-format hand (dd_jax.mano.synthetic) for tests, demos and smplx.
+r"""Writes the synthetic MANO-format hand (dd_jax.synthetic.hand) for tests, demos and smplx.
 
   python tools/make_synthetic_mano.py --out_dir /tmp/synthetic_mano
   python tools/make_synthetic_mano.py --out_dir /tmp/smplx_models --layouts cleaned \
@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from dd_jax.mano import synthetic
+from dd_jax.synthetic import hand as synthetic
 
 
 def main(argv: list[str] | None = None) -> list[str]:

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from dd_jax.data import egodorsal, samples, validation
+from dd_jax.data import egodorsal, samples
 from dd_jax.data.egodorsal import Frame
 
 _MAX_EPOCHS = 10**9  # the train order is "infinite": the trainer counts steps_per_epoch
@@ -335,20 +335,3 @@ def class_counts(data_config, split: str, n_classes: int) -> tuple[int, ...]:
   thresh = float(data_config.get("fsr_thresh", 0.2))
   labels = [samples.tap_label(f, index.trials[f.trial_id], thresh) for f in frames]
   return tuple(int(c) for c in np.bincount(labels, minlength=n_classes)[:n_classes])
-
-
-def prepare(data_config, task: str) -> None:
-  """Before training: generate the synthetic set if configured and missing, then validate."""
-  synthetic = data_config.get("synthetic", None)
-  if synthetic is not None and synthetic.get("enabled", False):
-    from dd_jax.data import synthetic as synthetic_data  # pylint: disable=g-import-not-at-top
-    synthetic_data.ensure_synthetic_dataset(
-        data_config.data_dir, participants=int(synthetic.participants),
-        trials=int(synthetic.trials), frames=int(synthetic.frames),
-        image_size=int(synthetic.image_size), seed=int(synthetic.get("seed", 0)))
-  if data_config.get("validate", True):
-    report = validation.validate_dataset(data_config, task)
-    logging.info("%s", report)
-
-
-validate_dataset = validation.validate_dataset

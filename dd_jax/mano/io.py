@@ -211,6 +211,17 @@ def load_mano(path: str | os.PathLike, *, tip_ids: Sequence[int] = mano_model.DE
   return mano_model.make_mano_model(read_mano_arrays(path), tip_ids=tip_ids, dtype=dtype)
 
 
+def load_mano_or_synthetic(path: str | os.PathLike = "", *,
+                           tip_ids: Sequence[int] = mano_model.DELTADORSAL_TIP_IDS,
+                           dtype: Any = jnp.float32) -> mano_model.ManoModel:
+  """config.mano.path semantics: a MANO file (any layout) or, for "", the synthetic hand of the
+  tests and the demo (dd_jax.synthetic.hand, imported only then)."""
+  if os.fspath(path):
+    return load_mano(path, tip_ids=tip_ids, dtype=dtype)
+  from dd_jax.synthetic import hand  # pylint: disable=import-outside-toplevel
+  return hand.synthetic_mano_model(tip_ids=tip_ids, dtype=dtype)
+
+
 # ---------------------------------------------------------------- writing
 
 

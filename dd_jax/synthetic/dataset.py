@@ -24,8 +24,11 @@ import cv2
 import jax
 import numpy as np
 
-from dd_jax.data import align, render, store, synthetic_hand
+from dd_jax.data import align, egodorsal, samples, store
 from dd_jax.data.egodorsal import MOTION_FINGERS, MOTION_LABELS
+from dd_jax.mano.model import mano_forward
+from dd_jax.synthetic import render, rig as hand_rig
+from dd_jax.synthetic.hand import synthetic_mano_model
 
 MOTION_TYPES = tuple(MOTION_LABELS)  # the six force motion types, label order
 MARKER = "synthetic.json"  # parameters of a generated set
@@ -41,7 +44,6 @@ PRESS_SHOWN_ON = {"surface_tap_all_force": (0.0, 1.0, 1.0, 1.0, 1.0)}
 
 
 def _mano_batch(model, betas, pose, orient, transl):
-  from dd_jax.mano.model import mano_forward  # pylint: disable=g-import-not-at-top
   return mano_forward(model, betas, pose, global_orient=orient, transl=transl)
 
 
@@ -126,7 +128,7 @@ class _Scene:
     self.K_canvas = K.copy()
     self.K_canvas[:2, 2] += self.margin
     self.maps = _distortion_maps(K, d, width, height, self.margin)
-    self.forearm_rest, self.forearm_faces = synthetic_hand.forearm_mesh(rig)
+    self.forearm_rest, self.forearm_faces = hand_rig.forearm_mesh(rig)
 
   def render(self, vertices, orient, wrist, curls, press, backdrop, rng) -> np.ndarray:
     rig = self.rig
@@ -146,13 +148,13 @@ class _Scene:
       shade = self.look.ambient + (1 - self.look.ambient) * diffuse
       image[arm_mask] = np.clip(self.look.skin * 0.97 * shade[:, None] * self.look.light_color, 0, 1)
     hand = render.Raster(np.where(arm_mask, -1, raster.face), raster.bary, raster.depth)
-    synthetic_hand.shade_hand(rig, self.look, hand, vertices, curls, press, image)
+    hand_rig.shade_hand(rig, self.look, hand, vertices, curls, press, image)
     raw = cv2.remap(image, *self.maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
     raw += rng.normal(0, 1.5 / 255, raw.shape).astype(np.float32)
     return cv2.cvtColor(np.clip(np.rint(raw * 255), 0, 255).astype(np.uint8), cv2.COLOR_RGB2BGR)
 
   def backdrop(self, rng):
-    return synthetic_hand.background(rng, self.width + 2 * self.margin,
+    return hand_rig.background(rng, self.width + 2 * self.margin,
                                      self.height + 2 * self.margin)
 
 
@@ -242,9 +244,8 @@ def make_synthetic_dataset(out_dir: str, *, participants: int = 8, trials: int =
   """
   start = time.perf_counter()
   if model is None:
-    from dd_jax.mano.synthetic import synthetic_mano_model  # pylint: disable=g-import-not-at-top
     model = synthetic_mano_model()
-  rig = synthetic_hand.HandRig(model)
+  rig = hand_rig.HandRig(model)
   width, height = int(image_size), int(round(image_size * 0.375)) * 2
   hand_length = float(np.linalg.norm(rig.tips[2] - rig.joints[0]))
   os.makedirs(out_dir, exist_ok=True)
@@ -256,7 +257,7 @@ def make_synthetic_dataset(out_dir: str, *, participants: int = 8, trials: int =
   frame_id, trial_id = 0, 0
   for p in range(1, participants + 1):
     rng = np.random.default_rng([seed, p])
-    look = synthetic_hand.make_appearance(rng, rig, p)
+    look = hand_rig.make_appearance(rng, rig, p)
     fx = width * rng.uniform(0.82, 0.88)
     K = np.array([[fx, 0, width / 2.0], [0, fx, height / 2.0], [0, 0, 1]])
     d = np.array([[rng.uniform(-0.12, -0.04), rng.uniform(0.0, 0.04), rng.normal(0, 5e-4),
@@ -363,7 +364,6 @@ def _write_json(out_dir: str, name: str, value) -> None:
 
 def _precrop(out_dir: str, frames_list: list[dict]) -> None:
   """Cropped frames and aligned bases, computed by the online mode's own code."""
-  from dd_jax.data import egodorsal, samples  # pylint: disable=g-import-not-at-top
   index = egodorsal.load_index(out_dir)
   options = samples.SampleOptions("pose", precropped=False, random_base=False, fsr_thresh=0.2,
                                    out_img_size=0, skip_bad_frames=False)
@@ -439,9 +439,7 @@ def prior_mpjpe_mm(data_dir: str, split: str = "test", model=None) -> float:
 
   MANO with zero global orientation, the base's HaMeR betas (cropped_base_idx), 21 keypoints.
   """
-  from dd_jax.data import egodorsal  # pylint: disable=g-import-not-at-top
   if model is None:
-    from dd_jax.mano.synthetic import synthetic_mano_model  # pylint: disable=g-import-not-at-top
     model = synthetic_mano_model()
   index = egodorsal.load_index(data_dir)
   frames = egodorsal.select_frames(index, split)

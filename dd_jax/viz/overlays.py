@@ -10,8 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dd_jax import pictures
-from dd_jax.data import align, render
+from dd_jax.data import align
+from dd_jax.viz import draw, pictures
 
 MIN_SIDE = 384  # small network-sized crops are enlarged so the drawing stays legible
 PRIOR_COLOR = pictures.PRIOR_COLOR
@@ -26,7 +26,7 @@ def _affine_render(background: np.ndarray, vertices: np.ndarray, faces: np.ndarr
 
   The depth axis is the normal of the camera's two rows; a pinhole camera far away
   (K = diag(C, C, 1), vertices (u Z / C, v Z / C, Z)) reproduces the affine pixels exactly,
-  so render.render_mesh can shade and z-buffer it.
+  so draw.render_mesh can shade and z-buffer it.
   """
   height, width = background.shape[:2]
   homogeneous = np.concatenate([vertices, np.ones((len(vertices), 1))], 1)
@@ -38,7 +38,7 @@ def _affine_render(background: np.ndarray, vertices: np.ndarray, faces: np.ndarr
   z = far + depth - depth.min() + 1.0
   camera_points = np.stack([uv[:, 0] * z / far, uv[:, 1] * z / far, z], 1)
   K = np.diag([far, far, 1.0])
-  return render.render_mesh(camera_points, faces, K, (width, height), background=background,
+  return draw.render_mesh(camera_points, faces, K, (width, height), background=background,
                             color=MESH_COLOR, alpha=0.55)
 
 
@@ -112,8 +112,8 @@ def pose_overlay(image: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
     placed = _scale_pixels(placed, scale)
     camera = pictures.fit_affine_camera(np.asarray(prior_keypoints_3d, np.float64), placed)
     overlay = _affine_render(big, np.asarray(vertices, np.float64), faces, camera)
-    overlay = render.draw_hand_keypoints(overlay, placed, PRIOR_COLOR, radius=1)
-    overlay = render.draw_hand_keypoints(overlay, _project(camera, keypoints), radius=3,
+    overlay = draw.draw_hand_keypoints(overlay, placed, PRIOR_COLOR, radius=1)
+    overlay = draw.draw_hand_keypoints(overlay, _project(camera, keypoints), radius=3,
                                          thickness=2)
     _label(overlay, "prediction (mesh, coloured); prior (red)")
     _label(overlay, f"placed by {how}", 1)
@@ -123,9 +123,9 @@ def pose_overlay(image: np.ndarray, vertices: np.ndarray, faces: np.ndarray,
   panel = np.full((size, size, 3), 40, np.uint8)
   panel = _affine_render(panel, np.asarray(vertices, np.float64), faces, camera)
   if prior_keypoints_3d is not None:
-    panel = render.draw_hand_keypoints(panel, _project(camera, prior_keypoints_3d), PRIOR_COLOR,
+    panel = draw.draw_hand_keypoints(panel, _project(camera, prior_keypoints_3d), PRIOR_COLOR,
                                        radius=1)
-  panel = render.draw_hand_keypoints(panel, _project(camera, keypoints), radius=3, thickness=2)
+  panel = draw.draw_hand_keypoints(panel, _project(camera, keypoints), radius=3, thickness=2)
   _label(panel, "canonical view: back of the hand")
   _label(panel, f"(not placed: {how})", 1)
   how = f"canonical view beside the image ({how})"

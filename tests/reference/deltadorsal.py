@@ -228,7 +228,7 @@ def make_mano(folder: str):
   import smplx  # pylint: disable=import-outside-toplevel
   path = os.path.join(folder, "MANO_RIGHT.pkl")
   if not os.path.exists(path):
-    from dd_jax.mano import synthetic  # pylint: disable=import-outside-toplevel
+    from dd_jax.synthetic import hand as synthetic  # pylint: disable=import-outside-toplevel
     os.makedirs(folder, exist_ok=True)
     synthetic.write_synthetic_mano(path, layout="cleaned")
   return smplx.MANO(model_path=folder, is_rhand=True, use_pca=False, flat_hand_mean=True)

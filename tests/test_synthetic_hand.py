@@ -12,7 +12,7 @@ import pytest
 
 from dd_jax.mano import io as mano_io
 from dd_jax.mano import model as mano_model
-from dd_jax.mano import synthetic
+from dd_jax.synthetic import hand as synthetic
 
 FINGERTIPS = dict(zip(("thumb", "index", "middle", "ring", "pinky"), mano_model.DELTADORSAL_TIP_IDS))
 DISTAL_JOINT = {"thumb": 15, "index": 3, "middle": 6, "ring": 12, "pinky": 9}
@@ -184,9 +184,9 @@ def test_cached_model_and_copies():
 
 
 def test_load_mano_or_synthetic(tmp_path):
-  assert synthetic.load_mano_or_synthetic("") is synthetic.synthetic_mano_model()
+  assert mano_io.load_mano_or_synthetic("") is synthetic.synthetic_mano_model()
   path = synthetic.write_synthetic_mano(str(tmp_path), layout="npz")
-  loaded = synthetic.load_mano_or_synthetic(path, tip_ids=mano_model.SMPLX_TIP_IDS)
+  loaded = mano_io.load_mano_or_synthetic(path, tip_ids=mano_model.SMPLX_TIP_IDS)
   assert loaded.tip_ids == mano_model.SMPLX_TIP_IDS
   np.testing.assert_array_equal(np.asarray(loaded.weights),
                                 np.asarray(synthetic.synthetic_mano_model().weights))

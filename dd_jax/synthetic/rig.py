@@ -17,7 +17,7 @@ import dataclasses
 import cv2
 import numpy as np
 
-from dd_jax.data import render
+from dd_jax.synthetic import render
 
 # MANO joint ids per finger (chain order), OpenPose-style finger order thumb, index, middle, ring, pinky.
 FINGER_JOINTS = ((13, 14, 15), (1, 2, 3), (4, 5, 6), (10, 11, 12), (7, 8, 9))

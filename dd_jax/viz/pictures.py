@@ -6,7 +6,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from dd_jax.data import render, transforms
+from dd_jax.data import transforms
+from dd_jax.viz import draw
 
 PANEL_SIZE = 256
 GT_COLOR, PRIOR_COLOR, PRED_COLOR = (60, 120, 255), (255, 80, 60), (40, 220, 90)
@@ -49,7 +50,7 @@ def pose_panel(img: np.ndarray, base: np.ndarray, pred_kp: np.ndarray, gt_kp: np
   else:
     project = lambda k: _canonical_view(k, size, gt_kp)
   for kp, color in ((gt_kp, GT_COLOR), (prior_kp, PRIOR_COLOR), (pred_kp, PRED_COLOR)):
-    overlay = render.draw_hand_keypoints(overlay, project(np.asarray(kp, np.float64)), color)
+    overlay = draw.draw_hand_keypoints(overlay, project(np.asarray(kp, np.float64)), color)
   return np.concatenate([image, base_image, overlay], axis=1)
 
 

@@ -674,12 +674,3 @@ def _cached_model(tip_ids, dtype_name, seed, x64):
   del x64  # part of the cache key only: arrays are created differently with and without x64
   arrays = mano_io.validate_mano_arrays(dict(_synthetic_arrays(seed)), source="synthetic MANO")
   return mano_model.make_mano_model(arrays, tip_ids=tip_ids, dtype=dtype_name)
-
-
-def load_mano_or_synthetic(path: str | os.PathLike = "", *,
-                           tip_ids: Sequence[int] = mano_model.DELTADORSAL_TIP_IDS,
-                           dtype: Any = jnp.float32) -> mano_model.ManoModel:
-  """config.mano.path semantics: a MANO file (any layout) or, for "", the synthetic hand."""
-  if not os.fspath(path):
-    return synthetic_mano_model(tip_ids=tip_ids, dtype=dtype)
-  return mano_io.load_mano(path, tip_ids=tip_ids, dtype=dtype)
