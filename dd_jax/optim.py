@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -40,10 +39,6 @@ def trainable_filter(depth: int, n_unfrozen_blocks: int) -> Callable[[tuple, Any
   return is_trainable
 
 
-def path_name(path: tuple) -> str:
-  return "/".join(str(p) for p in path)
-
-
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping then AdamW with decay on every parameter (torch.optim.AdamW's)."""
   o = config.optimizer
@@ -67,8 +62,4 @@ def plateau_step(config: ml_collections.ConfigDict, state, monitored_value: floa
   """One scheduler step with the epoch's validation loss; returns the new state."""
   _, state = make_plateau(config).update(jnp.zeros(()), state, value=jnp.asarray(monitored_value))
   return state
-
-
-def count_params(tree) -> int:
-  return int(sum(x.size for x in jax.tree.leaves(tree)))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Iterator
 
@@ -26,6 +27,13 @@ def flatten_params(tree: Any, prefix: tuple = ()) -> Iterator[tuple[tuple, Any]]
 def path_str(path: tuple) -> str:
   """("blocks", 1, "attn") -> "blocks.1.attn"."""
   return ".".join(str(p) for p in path)
+
+
+def count_params(tree: Any) -> int:
+  """Number of scalars in a pytree of arrays or ShapeDtypeStructs: a nested params dict, an
+  nnx.State (e.g. nnx.state(model, nnx.Param) of an nnx.eval_shape model)."""
+  return int(sum(math.prod(np.shape(x) if not hasattr(x, "shape") else x.shape)
+                 for x in jax.tree.leaves(tree)))
 
 
 def _listing(label: str, keys: list[str]) -> str:

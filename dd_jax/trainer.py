@@ -19,6 +19,7 @@ from absl import logging
 from flax import nnx
 
 from dd_jax import checkpointing, evaluation, logs, optim, parallel, train_state
+from dd_jax import params as params_lib
 from dd_jax.logs import log
 from dd_jax.data import pipeline, validation
 from dd_jax.synthetic import dataset as synthetic_dataset
@@ -59,8 +60,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
   built = train_state.build(config, mesh)
   task, state, frozen = built.task, built.state, built.frozen
-  n_trainable = optim.count_params(state["params"])
-  n_total = optim.count_params(nnx.state(built.model(), nnx.Param))
+  n_trainable = params_lib.count_params(state["params"])
+  n_total = params_lib.count_params(nnx.state(built.model(), nnx.Param))
   log.info("parameters: %s total, %s trainable", f"{n_total:,}", f"{n_trainable:,}")
   writer.text("config", f"```\n{config}\n```\n\nparameters: {n_total:,} total, {n_trainable:,} trainable")
 

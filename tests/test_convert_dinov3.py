@@ -22,7 +22,7 @@ from dd_jax import params as params_lib
 from dd_jax import safe_pickle
 from dd_jax.convert import dinov3 as convert_dinov3
 from dd_jax.convert import torch_file
-from dd_jax.models import dinov3
+from dd_jax.models import dinov3, dinov3_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = 5e-5
@@ -234,7 +234,8 @@ def test_conversion_needs_no_torch(cases, tmp_path):
       "from dd_jax.convert import dinov3\n"
       f"meta = dinov3.convert({pth!r})[1]\n"
       f"hf = dinov3.convert({hf_dir!r})[1]\n"
-      f"dinov3.save_converted({str(tmp_path / 'out')!r}, *dinov3.convert({pth!r}))\n"
+      "from dd_jax.models import dinov3_weights\n"
+      f"dinov3_weights.save_converted({str(tmp_path / 'out')!r}, *dinov3.convert({pth!r}))\n"
       "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
       "print('ok', meta['blocks'][1]['mlp']['w3']['kernel'].shape)\n")
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
@@ -375,16 +376,16 @@ def test_tool_writes_a_checkpoint_that_load_weights_loads(cases, tmp_path, capsy
   meta = json.loads((out_dir / "dinov3.json").read_text())
   assert meta["format"] == "dd_jax.dinov3" and meta["config"]["dim"] == 256
   config, params = convert_dinov3.convert(pth)
-  loaded_config, loaded = convert_dinov3.load_converted(out_dir)
+  loaded_config, loaded = dinov3_weights.load_converted(out_dir)
   assert loaded_config == config
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   custom = dict(dim=256, depth=2, num_heads=2, ffn="swiglu", ffn_hidden=512, qkv_bias=False)
   model = dinov3.DinoV3(dinov3.get_config("custom", **custom), rngs=nnx.Rngs(0))
-  dinov3.load_weights(model, str(out_dir))
+  dinov3_weights.load_weights(model, str(out_dir))
   jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(model)), params)
   deeper = dinov3.DinoV3(dinov3.get_config("custom", **{**custom, "depth": 3}), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="depth: checkpoint 2, config 3"):
-    dinov3.load_weights(deeper, str(out_dir))
+    dinov3_weights.load_weights(deeper, str(out_dir))
   assert _tool().main([pth, str(tmp_path / "x"), "--variant", "vitl16"]) == 1
   assert "not vitl16" in capsys.readouterr().err
 
@@ -408,7 +409,7 @@ def test_param_counts_match_transformers_for_every_variant():
       hf_count = sum(p.numel() for p in DINOv3ViTModel(hf_config).parameters())
     abstract = nnx.eval_shape(lambda c=config: dinov3.DinoV3(c, rngs=nnx.Rngs(0)))
     k_bias = config.depth * config.dim if config.qkv_bias else 0
-    assert dinov3.count_params(abstract) == hf_count - config.dim + k_bias, name
+    assert params_lib.count_params(nnx.state(abstract, nnx.Param)) == hf_count - config.dim + k_bias, name
 
 
 @pytest.mark.parametrize("name", ["vits16_like", "vits16plus_like"])

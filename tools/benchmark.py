@@ -198,7 +198,7 @@ class JaxPose:
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
     from dd_jax import optim, parallel, train_state  # pylint: disable=import-outside-toplevel
-    from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
+    from dd_jax import params as params_lib  # pylint: disable=import-outside-toplevel
     self.jax, self.parallel = jax, parallel
     self.release_freed_host_memory = train_state.release_freed_host_memory
     self.mesh = one_device_mesh()
@@ -209,7 +209,7 @@ class JaxPose:
     if torch_runner is not None:
       from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
       model = built.model()
-      deltadorsal.assign_params(model, tr.jax_params(torch_runner.net, backbone_config(s)),
+      params_lib.assign_params(model, tr.jax_params(torch_runner.net, backbone_config(s)),
                                 source="reference.deltadorsal")
       is_trainable = optim.trainable_filter(backbone_config(s).depth, s.n_unfrozen)
       _, trainable, frozen = nnx.split(model, is_trainable, ...)

@@ -13,7 +13,9 @@ import argparse
 import sys
 import time
 
+from dd_jax import params as params_lib
 from dd_jax.convert import dinov3
+from dd_jax.models import dinov3_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
   except (dinov3.ConversionError, ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
-  num_params = dinov3.param_count(result.params)
+  num_params = params_lib.count_params(result.params)
   print(f"{args.input}: {result.layout} layout, variant {result.variant} ({result.config}), "
         f"{num_params:,} parameters")
   for note in result.notes:
     print(f"note: {note}")
-  dinov3.save_converted(args.out_dir, result.config, result.params, source=args.input,
-                        notes=result.notes)
+  dinov3_weights.save_converted(args.out_dir, result.config, result.params, source=args.input,
+                                notes=result.notes)
   print(f"wrote {args.out_dir} in {time.time() - start:.1f} s")
   return 0
 

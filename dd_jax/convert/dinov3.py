@@ -1,39 +1,22 @@
-"""DINOv3 weights -> dd_jax: Meta .pth and Hugging Face safetensors to a torch-free Orbax folder.
+"""DINOv3 weights -> dd_jax: Meta .pth and Hugging Face safetensors read without PyTorch.
 
-Converted format (what `config.model.backbone.weights` points at), a folder holding:
-  dinov3.json  {"format": "dd_jax.dinov3", "format_version": 1, "variant": "dinov3_vitl16" or
-               "custom", "config": {DinoV3Config fields}, "num_params": int, "source": str,
-               "notes": [str]}
-  params/      an Orbax PyTree checkpoint of nnx.to_pure_dict(nnx.state(DinoV3(config))), every
-               array float32, block indices as strings "0".."depth-1":
-               cls_token (1,1,D), storage_tokens (1,S,D), rope_periods (hd/4,),
-               patch_embed.proj.{kernel (p*p*3, D) rows in (kh, kw, c) order, bias},
-               blocks.i.{norm1,norm2}.{scale,bias}, blocks.i.attn.qkv.{kernel (D,3D), bias (3D,)
-               with the k third zero, absent without qkv bias}, blocks.i.attn.proj.{kernel,bias},
-               blocks.i.{ls1,ls2}.gamma, blocks.i.mlp.{fc1,fc2 | w1,w2,w3}.{kernel (in,out), bias},
-               norm.{scale,bias}.
+`convert` returns (DinoV3Config, params) in the layout of nnx.state(DinoV3(config)); the tool
+tools/convert_dinov3.py writes them in the converted format of dd_jax.models.dinov3_weights.
 Key layouts read: SPEC.md §6 (Meta flat state_dict; HF DINOv3ViTModel, `model.layer.i`/`layer.i`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from typing import Any, Callable
 
 import numpy as np
 
-from dd_jax import params as params_lib
 from dd_jax.convert import torch_file
 from dd_jax.models import dinov3 as dinov3_model
 from dd_jax.models.dinov3 import DinoV3Config
-
-FORMAT = "dd_jax.dinov3"
-FORMAT_VERSION = 1
-CONFIG_FILE = "dinov3.json"
-PARAMS_DIR = "params"
 
 # Training-only Meta keys, dropped on purpose: mask_token replaces masked patches in iBOT
 # training; local_cls_norm (7B, SAT493M ViT-L) normalises local crops' class token in training.
@@ -439,46 +422,3 @@ def convert(path: str | os.PathLike, variant: str | None = None, *,
   """A Meta .pth / HF safetensors file or folder -> (config, params tree of np.float32)."""
   result = convert_with_report(path, variant, num_heads=num_heads)
   return result.config, result.params
-
-
-# ---------------------------------------------------------------------------------------------
-# The converted format
-# ---------------------------------------------------------------------------------------------
-
-
-def save_converted(out_dir: str | os.PathLike, config: DinoV3Config, params: dict, *,
-                   source: str = "", notes: list[str] | None = None) -> None:
-  """Writes `out_dir`/dinov3.json and `out_dir`/params (Orbax); replaces an earlier conversion."""
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  os.makedirs(out_dir, exist_ok=True)
-  params_lib.save_tree(os.path.join(out_dir, PARAMS_DIR), params)
-  meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
-              variant=dinov3_model.variant_name(config), config=dataclasses.asdict(config),
-              num_params=param_count(params), source=str(source),
-              notes=list(notes or []))
-  with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
-    json.dump(meta, f, indent=2)
-
-
-def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
-  """Reads a save_converted folder -> (config, params tree of np.float32, int block keys)."""
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  meta_path = os.path.join(out_dir, CONFIG_FILE)
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"{out_dir}: no {CONFIG_FILE}; convert weights with "
-                            f"tools/convert_dinov3.py first")
-  with open(meta_path) as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
-                     f"expected {FORMAT!r} v{FORMAT_VERSION}")
-  try:
-    config = DinoV3Config(**meta["config"])
-  except (TypeError, ValueError) as e:
-    raise ValueError(f"{meta_path}: bad config {meta.get('config')} ({e})") from None
-  return config, params_lib.load_tree(os.path.join(out_dir, PARAMS_DIR))
-
-
-def param_count(params: dict) -> int:
-  """Number of scalars in a params tree (rope periods included)."""
-  return int(sum(np.size(x) for _, x in params_lib.flatten_params(params)))

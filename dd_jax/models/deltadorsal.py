@@ -11,10 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dd_jax.models import dinov3
+from dd_jax.models import dinov3, dinov3_weights
 from dd_jax.models.dinov3 import gelu
-# Re-exported: tools/benchmark.py calls deltadorsal.assign_params.
-from dd_jax.params import assign_params  # pylint: disable=unused-import
 
 POOLS = ("avg", "attn")
 
@@ -338,4 +336,4 @@ def build_model(config, *, rngs: nnx.Rngs) -> PoseNet | ForceNet:
 
 def load_backbone_weights(model: PoseNet | ForceNet, path: str) -> None:
   """Loads a converted DINOv3 folder (tools/convert_dinov3.py) into model.backbone."""
-  dinov3.load_weights(model.backbone, path)
+  dinov3_weights.load_weights(model.backbone, path)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dd_jax import params as params_lib
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
@@ -530,28 +529,7 @@ class DinoV3(nnx.Module):
     return {"patch": patch, "cls": x[:, 0], "storage": x[:, 1:n], "blocks": block_outputs}
 
 
-def count_params(model: nnx.Module) -> int:
-  """Number of trainable-kind (nnx.Param) scalars; works on nnx.eval_shape models."""
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
-
-
 def config_differences(found: DinoV3Config, wanted: DinoV3Config, *, found_as: str) -> list[str]:
   """["depth: {found_as} 2, config 3", ...] for every field where `found` differs from `wanted`."""
   return [f"{f.name}: {found_as} {getattr(found, f.name)!r}, config {getattr(wanted, f.name)!r}"
           for f in dataclasses.fields(wanted) if getattr(found, f.name) != getattr(wanted, f.name)]
-
-
-def load_weights(model: DinoV3, path: str) -> None:
-  """Loads a converted DINOv3 folder (tools/convert_dinov3.py) into `model`.
-
-  The folder's architecture must equal `model.config`; otherwise every differing field is named.
-  """
-  # Imported here: dd_jax.convert.dinov3 imports this module.
-  from dd_jax.convert import dinov3 as convert_dinov3  # pylint: disable=import-outside-toplevel
-  file_config, params = convert_dinov3.load_converted(path)
-  config = model.config
-  if file_config != config:
-    raise ValueError(f"{path}: the converted backbone ({variant_name(file_config)}) is not "
-                     f"the configured one ({variant_name(config)}): "
-                     + "; ".join(config_differences(file_config, config, found_as="checkpoint")))
-  params_lib.assign_params(model, params, source=path)
