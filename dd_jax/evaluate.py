@@ -13,7 +13,7 @@ import os
 
 from absl import app
 
-from dd_jax import launch, logs, trainer
+from dd_jax import experiment, launch, logs
 
 
 def main(argv):
@@ -26,7 +26,7 @@ def main(argv):
   with config.unlocked():
     config.train, config.test = False, True
   workdir = launch.FLAGS.workdir or os.path.join(config.ckpt_path.rstrip("/"), "eval")
-  trainer.train_and_evaluate(config, workdir)
+  experiment.train_and_evaluate(config, workdir)
 
 
 if __name__ == "__main__":

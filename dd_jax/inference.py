@@ -8,7 +8,6 @@ into a finger pose and 21 keypoints, or a press class, preprocessing as the eval
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from typing import Any, Sequence
@@ -17,11 +16,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from dd_jax import checkpointing, default_config, losses, optim
-from dd_jax.convert import lightning
+from dd_jax import checkpointing, losses, optim
 from dd_jax.data import store, transforms
 from dd_jax.data.egodorsal import MOTION_LABELS
 from dd_jax.mano import io as mano_io
@@ -241,25 +238,15 @@ def load(path: str, *, config: ml_collections.ConfigDict | None = None, step: in
     float32): "float32" is several times faster than the default bfloat16 on most CPUs, and
     gives slightly different numbers than a bfloat16 evaluation.
   """
-  path = os.path.abspath(os.fspath(path))
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"checkpoint {path} does not exist")
-  if os.path.isfile(os.path.join(path, lightning.META_FILE)):
-    predictor_config, graphdef, states = _load_converted(path, config, backbone_dtype)
-    source = path
-  else:
-    if config is not None:
-      raise ValueError(f"{path}: a dd_jax run stores its own config; config= is only for "
-                       "converted original checkpoints")
-    try:
-      directory, found_step = checkpointing.resolve(path)
-    except FileNotFoundError as e:
-      raise FileNotFoundError(
-          f"{path}: neither a dd_jax run or checkpoint folder (checkpoints/<step>/state) nor a "
-          f"converted DeltaDorsal checkpoint ({lightning.META_FILE}); {e}") from None
-    predictor_config, graphdef, states, step = _load_run(
-        directory, step if step is not None else found_step, backbone_dtype)
-    source = os.path.join(directory, str(step))
+  checkpoint = checkpointing.find(path, step=step, config=config)
+  predictor_config = ml_collections.ConfigDict(checkpoint.config.to_dict())
+  predictor_config.model.backbone.weights = ""  # the checkpoint holds the whole backbone
+  if backbone_dtype:
+    predictor_config.model.backbone.dtype = backbone_dtype
+  model = _placeholder_network(predictor_config)
+  checkpointing.load_params(checkpoint, model)
+  graphdef, trainable, frozen = _split(model, predictor_config)
+  states, source = (trainable, frozen), checkpoint.path
   if image_size is not None:
     predictor_config.data.out_img_size = int(image_size)
   mano, mano_source = None, None
@@ -285,76 +272,6 @@ def _split(model_or_abstract, config):
   return nnx.split(model_or_abstract, is_trainable, ...)
 
 
-def _config_from_meta(meta: dict, where: str, backbone_dtype: str | None = None
-                      ) -> ml_collections.ConfigDict:
-  if "config" not in meta:
-    raise ValueError(f"{where}: the checkpoint's meta holds no 'config'")
-  config = ml_collections.ConfigDict(json.loads(meta["config"]))
-  config.model.backbone.weights = ""  # the checkpoint holds the whole backbone
-  if backbone_dtype:
-    config.model.backbone.dtype = backbone_dtype
-  return config
-
-
-def _read_meta(directory: str, step: int) -> dict:
-  manager = checkpointing.make_manager(directory, "unused", "min", read_only=True)
-  try:
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  finally:
-    manager.close()
-
-
-def _load_run(directory: str, step: int | None, backbone_dtype: str | None = None):
-  """(config, graphdef, (trainable, frozen), step): only the parameters are read."""
-  if step is None:  # a run: its best checkpoint, as the trainer's test phase takes
-    probe = checkpointing.make_manager(directory, "unused", "min", read_only=True)
-    latest = probe.latest_step()
-    probe.close()
-    config = _config_from_meta(_read_meta(directory, latest), f"{directory}/{latest}")
-    manager = checkpointing.make_manager(directory, config.best_metric, config.best_mode,
-                                         read_only=True)
-    best = manager.best_step()
-    manager.close()
-    step = latest if best is None else best
-  state_dir = os.path.join(directory, str(step), "state")
-  if not os.path.isdir(state_dir):
-    raise FileNotFoundError(f"{state_dir}: no such checkpoint step (steps: "
-                            f"{ocp.utils.checkpoint_steps(directory)})")
-  config = _config_from_meta(_read_meta(directory, step), f"{directory}/{step}", backbone_dtype)
-  abstract = nnx.eval_shape(lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(config.seed)))
-  graphdef, trainable, frozen = _split(abstract, config)
-  sharding = _single_device()
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                        {"train": {"params": trainable}, "frozen": frozen})
-  with ocp.PyTreeCheckpointer() as checkpointer:
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))  # parameters only: no optimizer moments are read
-  return config, graphdef, (restored["train"]["params"], restored["frozen"]), step
-
-
-def _load_converted(path: str, config: ml_collections.ConfigDict | None,
-                    backbone_dtype: str | None = None):
-  meta = lightning.read_checkpoint_meta(path)
-  task = meta.get("task")
-  if config is None:
-    if task not in ("pose", "force"):
-      raise ValueError(f"{path}/{lightning.META_FILE}: task {task!r}, expected 'pose' or 'force'")
-    config = default_config.pose_config() if task == "pose" else default_config.force_config()
-    config.model = ml_collections.ConfigDict(meta["model"])
-  else:
-    config = ml_collections.ConfigDict(config.to_dict())
-    if config.task != task:
-      raise ValueError(f"{path}: a converted {task} checkpoint, but config.task is {config.task!r}")
-  config.model.backbone.weights = ""
-  if backbone_dtype:
-    config.model.backbone.dtype = backbone_dtype
-  model = _placeholder_network(config)
-  lightning.apply_deltadorsal_checkpoint(model, path)  # every parameter, shapes checked
-  graphdef, trainable, frozen = _split(model, config)
-  return config, graphdef, (trainable, frozen)
-
-
 def _placeholder_network(config: ml_collections.ConfigDict) -> nnx.Module:
   """The network with zero parameters, to be overwritten by a checkpoint, on one device.
 
@@ -369,7 +286,8 @@ def _placeholder_network(config: ml_collections.ConfigDict) -> nnx.Module:
     return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1], out_shardings=device)())
   graphdef, params, _ = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
   others = jax.jit(lambda: nnx.split(build(), nnx.Param, ...)[2], out_shardings=device)()
-  zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), params)
+  zeros = jax.jit(lambda: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params),
+                  out_shardings=device)()
   return nnx.merge(graphdef, zeros, others)
 
 

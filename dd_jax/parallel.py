@@ -7,6 +7,8 @@ its largest divisible dimension, so vith16plus / vit7b16 fit without a model axi
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -17,10 +19,11 @@ DATA_AXIS = "data"
 FSDP_MIN_SIZE = 2**18
 
 
-def make_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices of all processes."""
-  return jax.make_mesh((jax.device_count(),), (DATA_AXIS,),
-                       axis_types=(jax.sharding.AxisType.Auto,))
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes)."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
 
 
 def check_batch_sizes(mesh: jax.sharding.Mesh, *global_batch_sizes: int) -> None:

@@ -2,12 +2,12 @@
 
 A task holds the MANO model and the class weights (passed into the jit-compiled steps as
 `consts`, not baked into the program), and turns the network's outputs into losses, metric
-sums, per-frame test records and pictures.
+sums, per-frame test records and pictures. `Task` is the contract the trainer relies on.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import jax.numpy as jnp
 import ml_collections
@@ -16,6 +16,35 @@ import numpy as np
 from dd_jax import losses, metrics
 from dd_jax.mano import io as mano_io
 from dd_jax.viz import pictures
+
+Pictures = Iterator[tuple[str, np.ndarray]]  # (name, uint8 RGB picture)
+
+
+class Task(Protocol):
+  """What the train and eval steps call (under jit) and what the trainer does with the results."""
+
+  consts: dict[str, Any]  # fixed arrays the steps take as an argument (MANO model, class weights)
+
+  def loss(self, model, batch, consts) -> tuple[Any, dict[str, Any]]:
+    """Train step: (scalar loss to minimise, extra scalars to log)."""
+
+  def evaluate(self, model, batch, consts) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Eval step: (metric sums and counts of the batch, per-frame outputs)."""
+
+  def finalize(self, sums: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A split's summed metric sums -> (metrics, what `summary_pictures` draws)."""
+
+  def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-frame test outputs -> the dict test_outputs_epoch{N}.npy holds (the original's)."""
+
+  def pictures(self, local_batch, host_outputs) -> Pictures:
+    """Per-frame pictures of one evaluated batch (validation panels)."""
+
+  def summary_pictures(self, drawn: dict[str, np.ndarray]) -> Pictures:
+    """Pictures of a whole split from `finalize`'s second result (confusion matrices)."""
+
+  def summary(self, results: dict[str, float]) -> str:
+    """The closing console lines from the val/ and test/ metrics."""
 
 
 class PoseTask:
@@ -28,23 +57,21 @@ class PoseTask:
     self.faces = np.asarray(self.consts["mano"].faces)
 
   def _forward(self, model, batch, consts):
+    """(network outputs, per-sample losses, the batch's reduced losses)."""
     out = model(batch["img"], batch["base_img"], batch["hamer_pose"])
     per_sample = losses.pose_losses(consts["mano"], out["theta"], batch["gt_pose"],
                                     batch["hamer_shape"])
-    return out, per_sample
-
-  def loss(self, model, batch, consts):
-    _, per_sample = self._forward(model, batch, consts)
     reduced = losses.reduce_pose_loss(per_sample, batch["valid"],
                                       keypoint_weight=self.config.loss.keypoint_weight,
                                       pose_weight=self.config.loss.pose_weight)
+    return out, per_sample, reduced
+
+  def loss(self, model, batch, consts):
+    _, _, reduced = self._forward(model, batch, consts)
     return reduced["loss"], {"keypoint_loss": reduced["keypoint"], "pose_loss": reduced["pose"]}
 
   def evaluate(self, model, batch, consts):
-    out, per_sample = self._forward(model, batch, consts)
-    reduced = losses.reduce_pose_loss(per_sample, batch["valid"],
-                                      keypoint_weight=self.config.loss.keypoint_weight,
-                                      pose_weight=self.config.loss.pose_weight)
+    out, per_sample, reduced = self._forward(model, batch, consts)
     prior_kp = losses.pose_keypoints(consts["mano"], batch["hamer_pose"], batch["hamer_shape"])
     sums = metrics.pose_metric_sums(per_sample["pred_keypoints"], per_sample["gt_keypoints"],
                                     prior_kp, batch["valid"])
@@ -54,17 +81,17 @@ class PoseTask:
                "hamer_kp_3d": prior_kp}
     return sums, outputs
 
-  def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, float]:
+  def finalize(self, sums: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     out = metrics.finalize_pose(sums)
     out["loss"] = float(sums["loss"]) / max(int(sums["count"]), 1)  # per frame
     out["mpjpe-prior"] = out.pop("mpjpe_prior")
-    return out
+    return out, {}
 
   def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = ("frame_id", "pose", "shape", "pred_kp_3d", "gt_kp_3d", "hamer_kp_3d")
     return {k: np.asarray(outputs[k]) for k in keys}
 
-  def pictures(self, local_batch, host_outputs) -> Iterator[tuple[str, np.ndarray]]:
+  def pictures(self, local_batch, host_outputs) -> Pictures:
     n = min(self.config.num_val_pictures, len(local_batch["img"]))
     for i in range(n):
       if not local_batch["valid"][i]:
@@ -74,7 +101,7 @@ class PoseTask:
           host_outputs["gt_kp_3d"][i], host_outputs["hamer_kp_3d"][i],
           local_batch["prior_kp2d"][i])
 
-  def summary_pictures(self, outputs) -> Iterator[tuple[str, np.ndarray]]:
+  def summary_pictures(self, drawn: dict[str, np.ndarray]) -> Pictures:
     return iter(())
 
   @staticmethod
@@ -114,22 +141,22 @@ class ForceTask:
                "gt_tap_labels": batch["tap_label"]}
     return sums, outputs
 
-  def finalize(self, sums: dict[str, np.ndarray]) -> dict[str, Any]:
+  def finalize(self, sums: dict[str, np.ndarray]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     out = metrics.finalize_force(sums)
-    self.last_confusion = out.pop("confusion")
-    out["f1_w_majority"] = majority_f1(self.last_confusion.sum(0))
+    confusion = out.pop("confusion")
+    out["f1_w_majority"] = majority_f1(confusion.sum(0))
     out["loss"] = float(sums["weighted_nll"]) / max(float(sums["weight"]), 1e-12)
-    return out
+    return out, {"confusion": confusion}
 
   def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.asarray(outputs[k]) for k in ("frame_id", "pred_tap_labels", "gt_tap_labels")}
 
-  def pictures(self, local_batch, host_outputs):
+  def pictures(self, local_batch, host_outputs) -> Pictures:
     return iter(())
 
-  def summary_pictures(self, outputs):
-    """The confusion matrix of the last finalized evaluation."""
-    yield "confusion", pictures.confusion_matrix(self.last_confusion.sum(0))
+  def summary_pictures(self, drawn: dict[str, np.ndarray]) -> Pictures:
+    """The split's confusion matrix (all out_dim groups pooled)."""
+    yield "confusion", pictures.confusion_matrix(drawn["confusion"].sum(0))
 
   def summary(self, results: dict[str, float]) -> str:
     """The closing lines: accuracy and weighted F1 vs always predicting the majority class."""
@@ -152,7 +179,7 @@ def majority_f1(confusion: np.ndarray) -> float:
   return float(share * 2 * share / (share + 1))
 
 
-def make_task(config: ml_collections.ConfigDict) -> PoseTask | ForceTask:
+def make_task(config: ml_collections.ConfigDict) -> Task:
   if config.task == "pose":
     return PoseTask(config)
   if config.task == "force":

@@ -6,7 +6,7 @@ r"""Trains and tests DeltaDorsal.
 
 from absl import app
 
-from dd_jax import launch, logs, trainer
+from dd_jax import experiment, launch, logs
 
 
 def main(argv):
@@ -15,7 +15,7 @@ def main(argv):
   launch.initialize_distributed()
   if launch.FLAGS.workdir is None:
     raise app.UsageError("--workdir is required")
-  trainer.train_and_evaluate(launch.FLAGS.config, launch.FLAGS.workdir)
+  experiment.train_and_evaluate(launch.FLAGS.config, launch.FLAGS.workdir)
 
 
 if __name__ == "__main__":

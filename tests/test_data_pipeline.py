@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from etils import epath
 
-from dd_jax import trainer
+from dd_jax import experiment
 from dd_jax.data import pipeline, store
 from dd_jax.synthetic import dataset as synthetic
-from test_data_format import pose_data_config
+
+from tiny import pose_data_config
 
 SIZE = 24
 
@@ -177,14 +178,14 @@ def test_bad_frames_raise_or_are_skipped_and_reported(tiny_dataset, tmp_path, nu
 def test_prepare_generates_once_and_validates(tmp_path):
   config = _config(str(tmp_path / "synthetic"))
   config.synthetic.update(enabled=True, participants=2, trials=1, frames=2, image_size=128)
-  trainer.prepare_data(config, "pose")
+  experiment.prepare_data(config, "pose")
   with open(tmp_path / "synthetic" / synthetic.MARKER) as f:
     made = json.load(f)
   assert made["num_frames"] == 4
-  trainer.prepare_data(config, "force")  # already there: not generated again
+  experiment.prepare_data(config, "force")  # already there: not generated again
   with open(tmp_path / "synthetic" / synthetic.MARKER) as f:
     assert json.load(f)["seconds"] == made["seconds"]
   config.synthetic.frames = 3
   with pytest.raises(FileExistsError, match="other settings"):
-    trainer.prepare_data(config, "pose")
+    experiment.prepare_data(config, "pose")
   assert 3.0 < synthetic.prior_mpjpe_mm(str(tmp_path / "synthetic"), "all") < 40.0

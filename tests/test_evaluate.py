@@ -56,16 +56,17 @@ def test_evaluate_cli_requires_a_checkpoint(tiny_dataset):
 
 def test_metrics_do_not_depend_on_the_device_count(tiny_dataset):
   import jax
-  import tiny
+
   from dd_jax import evaluation, parallel, train_state
   from dd_jax.data import pipeline
+
+  import tiny
 
   # 16 rows for 8 test frames: half of every batch is padding that must not count.
   config = tiny.config("pose", tiny_dataset, **{"data.eval_batch_size": 16})
   results = {}
   for n in (1, 2, 8):
-    mesh = jax.make_mesh((n,), (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+    mesh = parallel.make_mesh(jax.devices()[:n])
     built = train_state.build(config, mesh)  # same seed: same parameters on every mesh
     loader = pipeline.make_eval_loader(config.data, "pose", "test")
     results[n] = evaluation.evaluate(built.eval_step, (built.state["params"], built.frozen,
@@ -73,8 +74,8 @@ def test_metrics_do_not_depend_on_the_device_count(tiny_dataset):
                                      built.task.finalize, keep_outputs=True)
   n_test = len(json.load(open(os.path.join(tiny_dataset, "test.json")))["frames"])
   for n in (2, 8):
-    metrics, outputs = results[n]
+    metrics, outputs = results[n].metrics, results[n].outputs
     assert metrics["count"] == n_test
     for key in ("mpjpe", "mpjpe-prior", "pa_mpjpe", "mpjae", "auc", "loss"):
-      np.testing.assert_allclose(metrics[key], results[1][0][key], rtol=1e-5, err_msg=key)
-    np.testing.assert_array_equal(outputs["frame_id"], results[1][1]["frame_id"])
+      np.testing.assert_allclose(metrics[key], results[1].metrics[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(outputs["frame_id"], results[1].outputs["frame_id"])

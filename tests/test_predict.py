@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import tiny
-from dd_jax import inference, parallel, predict, trainer
+from dd_jax import experiment, inference, parallel, predict
 from dd_jax.convert import lightning
 from dd_jax.data import align, store, transforms
 from dd_jax.data.egodorsal import CROP_KEYPOINTS
 from dd_jax.models import deltadorsal, dinov3
+
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,11 +26,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def trained(tiny_dataset, tmp_path_factory):
   """A tiny pose run (with the HaMeR prior as input) trained and tested in-process."""
   workdir = str(tmp_path_factory.mktemp("predict_run"))
-  mesh = jax.make_mesh((1,), (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:1])
+  mesh = parallel.make_mesh(jax.devices()[:1])
   config = tiny.config("pose", tiny_dataset, max_epochs=1, checkpoint_every_steps=0)
   assert config.model.head.use_prior
-  trainer.train_and_evaluate(config, workdir, mesh)
+  experiment.train_and_evaluate(config, workdir, mesh)
   record = np.load(os.path.join(workdir, "test_outputs_epoch1.npy"), allow_pickle=True).item()
   return workdir, record
 

@@ -8,14 +8,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import tiny
-from dd_jax import checkpointing, parallel, train_state, trainer
+from dd_jax import checkpointing, experiment, parallel, train_state
 from dd_jax.data import pipeline
 
-
-def _mesh(n):
-  return jax.make_mesh((n,), (parallel.DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=jax.devices()[:n])
+import tiny
 
 
 def _batches(config, n):
@@ -29,7 +25,7 @@ def _flat(state):
 
 def test_frozen_parameters_get_no_update_and_no_backward(tiny_dataset):
   config = tiny.config("pose", tiny_dataset, **{"model.backbone.n_unfrozen_blocks": 1})
-  built = train_state.build(config, _mesh(1))
+  built = train_state.build(config, parallel.make_mesh(jax.devices()[:1]))
   trainable_names = set(_flat(built.state["params"]))
   assert any(n.startswith("backbone/blocks/1/") for n in trainable_names)
   assert any(n.startswith("backbone/norm/") for n in trainable_names)
@@ -56,7 +52,7 @@ def test_frozen_parameters_get_no_update_and_no_backward(tiny_dataset):
   def step_flops(n_unfrozen, depth=6):
     c = tiny.config("pose", tiny_dataset, **{"model.backbone.n_unfrozen_blocks": n_unfrozen,
                                              "model.backbone.custom.depth": depth})
-    b = train_state.build(c, _mesh(1))
+    b = train_state.build(c, parallel.make_mesh(jax.devices()[:1]))
     compiled = b.train_step.lower(b.state, b.frozen, batch, b.task.consts).compile()
     return compiled.cost_analysis()["flops"]
 
@@ -69,7 +65,7 @@ def test_three_steps_on_eight_devices_match_one(tiny_dataset):
   batches = _batches(config, 3)
   losses = {}
   for n in (1, 8):
-    built = train_state.build(config, _mesh(n))
+    built = train_state.build(config, parallel.make_mesh(jax.devices()[:n]))
     state, out = built.state, []
     for local in batches:
       state, metrics = built.train_step(state, built.frozen, parallel.global_batch(built.mesh, local),
@@ -116,14 +112,14 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path,
   monkeypatch.setattr(pipeline.BatchIterator, "__next__", poisoned_next)
   config = tiny.config("pose", tiny_dataset, max_epochs=2, test=False)
   workdir = str(tmp_path / "run")
-  with pytest.raises(trainer.NonFiniteLossError, match="training loss became nan at step 2"):
-    trainer.train_and_evaluate(config, workdir, _mesh(1))
+  with pytest.raises(experiment.NonFiniteLossError, match="training loss became nan at step 2"):
+    experiment.train_and_evaluate(config, workdir, parallel.make_mesh(jax.devices()[:1]))
   ckpt_dir, _ = checkpointing.resolve(workdir)
   manager = checkpointing.make_manager(ckpt_dir, config.best_metric, config.best_mode)
   assert manager.all_steps() == [1]  # the step before the NaN, nothing after it
   manager.close()
-  built = train_state.build(config, _mesh(1))
-  restored, _, meta = trainer._restore((ckpt_dir, 1), built.abstract_state, built.frozen, None)
+  built = train_state.build(config, parallel.make_mesh(jax.devices()[:1]))
+  restored, _, meta = checkpointing.restore_training(ckpt_dir, 1, built.abstract_state, built.frozen)
   assert int(restored["step"]) == 1 and meta["epoch"] == 0
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(restored["params"]))
 
@@ -131,8 +127,8 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path,
 @pytest.mark.parametrize("task", ["pose", "force"])
 def test_smoke_train_then_test_mode(tiny_dataset, tmp_path, task):
   workdir = str(tmp_path / task)
-  results = trainer.train_and_evaluate(tiny.config(task, tiny_dataset, max_epochs=1), workdir,
-                                       _mesh(1))
+  results = experiment.train_and_evaluate(tiny.config(task, tiny_dataset, max_epochs=1), workdir,
+                                       parallel.make_mesh(jax.devices()[:1]))
   metric = "test/mpjpe" if task == "pose" else "test/acc"
   assert np.isfinite(results[metric])
   record = np.load(os.path.join(workdir, "test_outputs_epoch1.npy"), allow_pickle=True).item()
@@ -141,7 +137,7 @@ def test_smoke_train_then_test_mode(tiny_dataset, tmp_path, task):
   assert os.listdir(os.path.join(workdir, "pictures"))
   assert os.path.exists(os.path.join(workdir, "metrics.jsonl"))
 
-  again = trainer.train_and_evaluate(
+  again = experiment.train_and_evaluate(
       tiny.config(task, tiny_dataset, train=False, ckpt_path=workdir), str(tmp_path / "test_only"),
-      _mesh(1))
+      parallel.make_mesh(jax.devices()[:1]))
   np.testing.assert_allclose(again[metric], results[metric], rtol=1e-5)

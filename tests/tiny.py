@@ -2,8 +2,10 @@
 helpers that run `python -m dd_jax.train` and read a run folder back."""
 
 import glob
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -46,6 +48,58 @@ def config(task: str, data_dir: str, **overrides):
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def pose_data_config(data_dir, **overrides):
+  """configs/pose.py's data settings for `data_dir`, at small batches and image size."""
+  spec = importlib.util.spec_from_file_location("pose_config", os.path.join(ROOT, "configs", "pose.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  data = module.get_config().data
+  data.data_dir = str(data_dir)
+  data.update(dict(batch_size=4, eval_batch_size=3, num_workers=0, out_img_size=32))
+  data.update(overrides)
+  return data
+
+
+SIGKILL_AT_STEP = "DD_JAX_SIGKILL_AT_STEP"
+
+
+def kill_after_step_from_environment():
+  """Fault injection for the resume and dying-process tests, in the training subprocess: with
+  DD_JAX_SIGKILL_AT_STEP=N the process SIGKILLs itself once train step N is done (logged and
+  checkpointed as configured), at the trainer's next move: the next train step or the epoch's
+  validation. The library has no such hook; this wraps its compiled step and eval loader."""
+  kill_at = int(os.environ.get(SIGKILL_AT_STEP, "0"))
+  from dd_jax import train_state  # pylint: disable=import-outside-toplevel
+  from dd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+  if not kill_at or getattr(train_state.compile_step, "kills_at", None) == kill_at:
+    return
+  done = {"step": 0}
+
+  def kill_when_done():
+    if done["step"] == kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  compile_step, make_eval_loader = train_state.compile_step, pipeline.make_eval_loader
+
+  def compile_step_that_kills(step, *args):
+    compiled = compile_step(step, *args)
+
+    def run(state, *rest):
+      kill_when_done()
+      state, metrics = compiled(state, *rest)
+      done["step"] = int(state["step"])
+      return state, metrics
+    return run
+
+  def make_eval_loader_that_kills(*args, **kwargs):
+    kill_when_done()
+    return make_eval_loader(*args, **kwargs)
+
+  compile_step_that_kills.kills_at = kill_at
+  train_state.compile_step = compile_step_that_kills
+  pipeline.make_eval_loader = make_eval_loader_that_kills
 
 
 def run_train(args, env_extra=None, check=True):

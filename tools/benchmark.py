@@ -181,8 +181,9 @@ def host_batch(s: Settings, seed: int = 0) -> dict[str, np.ndarray]:
 
 def one_device_mesh():
   import jax  # pylint: disable=import-outside-toplevel
-  return jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+
+  from dd_jax import parallel  # pylint: disable=import-outside-toplevel
+  return parallel.make_mesh(jax.devices()[:1])
 
 
 def torch_pose(s: Settings, mano_dir: str):
@@ -197,10 +198,11 @@ class JaxPose:
   def __init__(self, s: Settings, torch_runner=None):
     import jax  # pylint: disable=import-outside-toplevel
     from flax import nnx  # pylint: disable=import-outside-toplevel
-    from dd_jax import optim, parallel, train_state  # pylint: disable=import-outside-toplevel
+
+    from dd_jax import host, optim, parallel, train_state  # pylint: disable=import-outside-toplevel
     from dd_jax import params as params_lib  # pylint: disable=import-outside-toplevel
     self.jax, self.parallel = jax, parallel
-    self.release_freed_host_memory = train_state.release_freed_host_memory
+    self.release_freed_host_memory = host.release_freed_host_memory
     self.mesh = one_device_mesh()
     config = pose_config(s)
     built = train_state.build(config, self.mesh)
@@ -307,9 +309,11 @@ def bench_mano(s: Settings, mano_dir: str) -> dict[str, Any]:
   """Row 3: hands/s of jitted mano_forward and smplx's MANO (no grad), per batch size."""
   import jax  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
-  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
+
   from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import model as mano_model  # pylint: disable=import-outside-toplevel
+
+  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
   smplx_mano = tr.make_mano(mano_dir)
   ours = mano_io.load_mano(os.path.join(mano_dir, "MANO_RIGHT.pkl"))
   forward = jax.jit(lambda m, betas, pose: mano_model.mano_forward(m, betas, pose))
@@ -385,8 +389,10 @@ def synthetic_jpegs(size: int, count: int = 4, seed: int = 0) -> list[bytes]:
 def bench_pipeline(s: Settings) -> dict[str, Any]:
   """Row 4: per-sample decode + augment both images + resize + normalise, one process."""
   import torch  # pylint: disable=import-outside-toplevel
-  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
+
   from dd_jax.data import samples, store  # pylint: disable=import-outside-toplevel
+
+  from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
   jpegs = synthetic_jpegs(s.crop_size)
   augment, finalize = samples.Augment(), samples.Finalize(s.out_size)
   transform = tr.TorchvisionStyleTransform(s.out_size, generator=torch.Generator().manual_seed(0))
@@ -432,12 +438,12 @@ def child_memory(framework: str, s: Settings, mano_dir: str) -> dict[str, Any]:
   """Peak RSS of a process that builds the pose model and runs `memory_steps` train steps."""
   host = host_batch(s)
   if framework == "torch":
-    import torch  # pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     set_threads(s.threads or cpu_threads())
     after_import = peak_rss_mib()
     pose = torch_pose(s, mano_dir)
   else:
-    import jax  # pylint: disable=import-outside-toplevel,unused-import
+    import jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     after_import = peak_rss_mib()
     pose = JaxPose(dataclasses.replace(s, backbone_fields={}))
     pose.compile_train_step(host)  # as the trainer: compiled on the first batch, then run
@@ -461,7 +467,8 @@ def compile_time(s: Settings, depth: int, n_unfrozen: int) -> dict[str, float]:
   """Trace+lower and compile seconds of the train step on abstract inputs (nothing allocated)."""
   import jax  # pylint: disable=import-outside-toplevel
   from flax import nnx  # pylint: disable=import-outside-toplevel
-  from dd_jax import optim, steps, tasks  # pylint: disable=import-outside-toplevel
+
+  from dd_jax import optim, tasks, train_state  # pylint: disable=import-outside-toplevel
   from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
   config = pose_config(s, depth=depth, n_unfrozen=n_unfrozen)
   task = tasks.make_task(config)
@@ -469,11 +476,9 @@ def compile_time(s: Settings, depth: int, n_unfrozen: int) -> dict[str, float]:
   graphdef, trainable, frozen = nnx.split(
       model, optim.trainable_filter(depth, n_unfrozen), ...)
   tx = optim.make_optimizer(config)
-  state = jax.eval_shape(lambda p: dict(step=jax.numpy.zeros((), "int32"), params=p,
-                                        opt_state=tx.init(p), plateau=optim.plateau_init(config),
-                                        rng=jax.random.key_data(jax.random.key(0))), trainable)
+  state = jax.eval_shape(train_state.init_fn(config, tx), trainable)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch(s))
-  step = jax.jit(steps.make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
+  step = jax.jit(train_state.make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
   start = time.perf_counter()
   lowered = step.lower(state, frozen, batch, task.consts)
   traced = time.perf_counter()

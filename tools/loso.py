@@ -17,7 +17,7 @@ from absl import app, flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dd_jax import launch, logs, trainer  # noqa: E402  pylint: disable=g-import-not-at-top
+from dd_jax import experiment, launch, logs  # noqa: E402  pylint: disable=g-import-not-at-top
 
 flags.DEFINE_list("participants", None, "Participant ids, one fold each.")
 flags.DEFINE_bool("evaluate_only", False, "Only test the folds' existing checkpoints.")
@@ -67,7 +67,7 @@ def main(argv):
   for p in participants:
     workdir = os.path.join(root, f"fold_{p}")
     c = fold_config(config, participants, p, workdir, flags.FLAGS.evaluate_only)
-    results = trainer.train_and_evaluate(c, workdir if not flags.FLAGS.evaluate_only
+    results = experiment.train_and_evaluate(c, workdir if not flags.FLAGS.evaluate_only
                                          else os.path.join(workdir, "eval"))
     rows[p] = {k.split("/", 1)[1]: float(v) for k, v in results.items() if k.startswith("test/")}
   markdown, summary = table(rows, columns)

@@ -15,11 +15,11 @@ import math
 import os
 from typing import Any
 
-import cv2
 import grain
 import numpy as np
 from absl import logging
 
+from dd_jax import host
 from dd_jax.data import egodorsal, samples
 from dd_jax.data.egodorsal import Frame
 
@@ -262,17 +262,12 @@ def _read_options(num_workers: int) -> grain.ReadOptions:
                            prefetch_buffer_size=1 if num_workers else 2)
 
 
-def _worker_init(worker_index: int, worker_count: int) -> None:
-  del worker_index, worker_count
-  cv2.setNumThreads(1)  # one OpenCV thread per worker process: no oversubscription
-
-
 def _finish(ds: grain.MapDataset, num_workers: int) -> grain.IterDataset:
   it = ds.to_iter_dataset(_read_options(num_workers))
   if num_workers > 0:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
                                                      per_worker_buffer_size=1),
-                        worker_init_fn=_worker_init)
+                        worker_init_fn=host.one_opencv_thread)
   return it
 
 
