@@ -68,10 +68,6 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_text(name, text)
 
-  def flush(self) -> None:
-    if self.enabled:
-      self._tb.flush()
-
   def close(self) -> None:
     if self.enabled:
       self._tb.close()

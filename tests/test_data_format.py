@@ -1,6 +1,5 @@
 """EgoDorsal metadata readers, split selection, validation, parsers and image transforms."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -10,24 +9,15 @@ import cv2
 import numpy as np
 import pytest
 
-from dd_jax.data import egodorsal, pipeline, store, transforms, validation
+from dd_jax.data import egodorsal, pipeline, splits, store, transforms, validation
+from dd_jax.data.egodorsal import DatasetFormatError
 from dd_jax.synthetic import dataset as synthetic
 from dd_jax.synthetic import render
 from dd_jax.viz import draw
-from dd_jax.data.egodorsal import DatasetFormatError
+
+from tiny import pose_data_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def pose_data_config(data_dir, **overrides):
-  spec = importlib.util.spec_from_file_location("pose_config", os.path.join(ROOT, "configs", "pose.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  data = module.get_config().data
-  data.data_dir = str(data_dir)
-  data.update(dict(batch_size=4, eval_batch_size=3, num_workers=0, out_img_size=32))
-  data.update(overrides)
-  return data
 
 
 def _copy(tiny_dataset, tmp_path):
@@ -75,11 +65,11 @@ def test_index_and_splits_match_generator(tiny_dataset):
 def test_leave_one_out_roles(tiny_dataset):
   config = pose_data_config(tiny_dataset, leave_one_out=True, val_participants=(2,), test_participants=(3,))
   index = egodorsal.load_index(tiny_dataset)
-  assert egodorsal.resolve_split(config, "train", index) == ("all", (1,))
-  assert egodorsal.resolve_split(config, "val", index) == ("all", (2,))
-  assert egodorsal.resolve_split(config, "test", index) == ("all", (3,))
+  assert splits.resolve_split(config, "train", index) == ("all", (1,))
+  assert splits.resolve_split(config, "val", index) == ("all", (2,))
+  assert splits.resolve_split(config, "test", index) == ("all", (3,))
   config.all_participant_ids = (1, 2)
-  assert egodorsal.resolve_split(config, "train", index) == ("all", (1,))
+  assert splits.resolve_split(config, "train", index) == ("all", (1,))
   _, frames = pipeline.select(config, "train")
   assert {f.p_id for f in frames} == {1}
   bad = pose_data_config(tiny_dataset, leave_one_out=True, val_participants=(2,), test_participants=(2, 9))

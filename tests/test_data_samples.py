@@ -11,7 +11,8 @@ import pytest
 from dd_jax import safe_pickle
 from dd_jax.data import align, array_record, egodorsal, pipeline, samples, store, validation
 from dd_jax.data.egodorsal import ALIGN_KEYPOINTS, MOTION_FINGERS, MOTION_LABELS
-from test_data_format import pose_data_config
+
+from tiny import pose_data_config
 
 SIZE = 32
 

@@ -142,13 +142,6 @@ def compute_alignment(K: np.ndarray, width: int, height: int, frame_kp3d: np.nda
   return Alignment(H, box, frame_kp, base_kp)
 
 
-def warp_base(base_image: np.ndarray, H: np.ndarray) -> np.ndarray:
-  """Base image warped into the frame (same size as the base, cubic, black border)."""
-  h, w = base_image.shape[:2]
-  return cv2.warpPerspective(base_image, H, (w, h), flags=cv2.INTER_CUBIC,
-                             borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-
-
 def align_and_crop(frame_image: np.ndarray, base_image: np.ndarray, alignment: Alignment
                    ) -> tuple[np.ndarray, np.ndarray]:
   """(frame crop, aligned base crop) from undistorted full images."""

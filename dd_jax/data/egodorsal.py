@@ -1,7 +1,7 @@
 """EgoDorsal metadata: bases.json, trials.json, frames.json and split files (SPEC.md §4).
 
 Reads the JSON side of the format into small picklable records (`Base`, `Trial`, `Frame`) and
-selects the frames of a split (split file or participant list, sample_ratio, leave-one-out).
+selects the frames of a split file or of a participant list (dd_jax.data.splits says which).
 Every reader collects all problems it finds and raises one `DatasetFormatError` listing them.
 """
 
@@ -289,60 +289,3 @@ def select_frames(index: EgoDorsalIndex, split: str, participants: Sequence[int]
   if problems is None:
     check(f"EgoDorsal split '{split}' ({path})", collect)
   return frames
-
-
-def resolve_split(data_config, split: str, index: EgoDorsalIndex | None = None
-                  ) -> tuple[str, tuple[int, ...]]:
-  """Maps a split of the run to (split file name, participants).
-
-  `split` is a split file name ('train', 'val', 'test', 'all', ...); the configured
-  data.train_split / val_split / test_split names identify the run's three roles. With
-  data.leave_one_out the roles select participants from frames.json instead: val and test are
-  their lists, train is every participant (data.all_participant_ids, or everyone in the
-  metadata when empty) minus val minus test.
-  """
-  if not data_config.get("leave_one_out", False):
-    return split, ()
-  val = tuple(int(p) for p in data_config.get("val_participants", ()))
-  test = tuple(int(p) for p in data_config.get("test_participants", ()))
-  roles = {data_config.get("train_split", "train"): "train",
-           data_config.get("val_split", "val"): "val",
-           data_config.get("test_split", "test"): "test"}
-  role = roles.get(split, split)
-  if role == "val":
-    return "all", val
-  if role == "test":
-    return "all", test
-  if role == "train":
-    everyone = tuple(int(p) for p in data_config.get("all_participant_ids", ()))
-    if not everyone:
-      if index is None:
-        index = load_index(data_config.data_dir)
-      everyone = tuple(index.participants)
-    return "all", tuple(p for p in everyone if p not in set(val) | set(test))
-  return split, ()
-
-
-def leave_one_out_problems(data_config, index: EgoDorsalIndex) -> list[str]:
-  """Participant lists that cannot work (overlaps, unknown ids, an empty train set)."""
-  if not data_config.get("leave_one_out", False):
-    return []
-  problems = []
-  val = set(int(p) for p in data_config.get("val_participants", ()))
-  test = set(int(p) for p in data_config.get("test_participants", ()))
-  known = set(index.participants)
-  for name, ids in (("val_participants", val), ("test_participants", test),
-                    ("all_participant_ids", set(data_config.get("all_participant_ids", ())))):
-    unknown = sorted(int(p) for p in ids if int(p) not in known)
-    if unknown:
-      problems.append(f"data.{name}: participants {unknown} are not in the dataset "
-                      f"(known: {sorted(known)})")
-  if val & test:
-    problems.append(f"data.leave_one_out: participants {sorted(val & test)} are in both "
-                    "val_participants and test_participants")
-  if not val or not test:
-    problems.append("data.leave_one_out needs non-empty val_participants and test_participants")
-  _, train = resolve_split(data_config, data_config.get("train_split", "train"), index)
-  if not train:
-    problems.append("data.leave_one_out: no participant left for training")
-  return problems

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from dd_jax import host
-from dd_jax.data import egodorsal, samples
+from dd_jax.data import egodorsal, samples, splits
 from dd_jax.data.egodorsal import Frame
 
 _MAX_EPOCHS = 10**9  # the train order is "infinite": the trainer counts steps_per_epoch
@@ -46,13 +46,13 @@ def select(data_config, split: str) -> tuple[egodorsal.EgoDorsalIndex, list[Fram
   """(index, frames) of a split of the run (a split file name or a leave-one-out role)."""
   data_dir = os.path.abspath(data_config.data_dir)
   index = egodorsal.load_index(data_dir)
-  split_name, participants = egodorsal.resolve_split(data_config, split, index)
+  split_name, participants = splits.resolve_split(data_config, split, index)
   return _cached_selection(data_dir, split_name, participants,
-                           float(data_config.get("sample_ratio", 1.0)), _json_stamp(data_dir))
+                           float(data_config.sample_ratio), _json_stamp(data_dir))
 
 
 def make_store(data_config, index: egodorsal.EgoDorsalIndex):
-  fmt = data_config.get("format", "folder")
+  fmt = data_config.format
   if fmt == "folder":
     from dd_jax.data.store import FolderStore  # pylint: disable=g-import-not-at-top
     return FolderStore(index)
@@ -70,11 +70,11 @@ def _reader(data_config, task: str, split: str) -> samples.SampleReader:
     raise egodorsal.DatasetFormatError(f"split '{split}' of {data_config.data_dir}",
                                        ["the split selects no frame"])
   options = samples.SampleOptions(
-      task=task, precropped=bool(data_config.get("precropped", True)),
-      random_base=bool(data_config.get("random_base", True)),
-      fsr_thresh=float(data_config.get("fsr_thresh", 0.2)),
+      task=task, precropped=bool(data_config.precropped),
+      random_base=bool(data_config.random_base),
+      fsr_thresh=float(data_config.fsr_thresh),
       out_img_size=int(data_config.out_img_size),
-      skip_bad_frames=bool(data_config.get("skip_bad_frames", False)))
+      skip_bad_frames=bool(data_config.skip_bad_frames))
   return samples.SampleReader(index, frames, make_store(data_config, index), options)
 
 
@@ -235,17 +235,12 @@ class Loader:
   """An iterable of per-process batches; iter() starts a fresh BatchIterator."""
 
   def __init__(self, dataset: grain.IterDataset, *, steps_per_epoch: int, batch_size: int,
-               num_frames: int, name: str, finite: bool):
+               name: str, finite: bool):
     self.dataset = dataset
     self.steps_per_epoch = steps_per_epoch
     self.batch_size = batch_size  # per process
-    self.num_frames = num_frames  # frames of the whole split (all processes)
     self.name = name
     self._finite = finite
-
-  @property
-  def epoch_steps(self) -> int:
-    return self.steps_per_epoch
 
   def __len__(self) -> int:
     return self.steps_per_epoch
@@ -283,7 +278,7 @@ def make_train_loader(data_config, task: str, *, seed: int, process_index: int =
   gt_pose (B, 45) [pose] or tap_label (B,), force (B, 5), fsr (B,) [force], frame_id (B,)
   int64, p_id (B,) int32, valid (B,) bool (False only for skipped bad frames).
   """
-  reader = _reader(data_config, task, data_config.get("train_split", "train"))
+  reader = _reader(data_config, task, data_config.train_split)
   global_batch = int(data_config.batch_size)
   batch = _per_process(global_batch, process_count, "batch_size")
   steps = len(reader) // global_batch
@@ -294,14 +289,14 @@ def make_train_loader(data_config, task: str, *, seed: int, process_index: int =
   order = TrainOrder(len(reader), steps * global_batch, _seed(seed, 0))
   samples_ds = grain.MapDataset.source(order).random_map(samples.ReadSampleRandom(reader),
                                                          seed=_seed(seed, 1))
-  if data_config.get("augment", True):
+  if data_config.augment:
     samples_ds = samples_ds.random_map(samples.Augment(), seed=_seed(seed, 2))
   samples_ds = samples_ds.map(samples.Finalize(int(data_config.out_img_size)))
   positions = ProcessPositions(process_index, process_count, batch)
   ds = grain.MapDataset.source(positions).map(_FromGlobal(samples_ds))
   ds = ds.batch(batch, drop_remainder=True)
-  return Loader(_finish(ds, int(data_config.get("num_workers", 0))), steps_per_epoch=steps,
-                batch_size=batch, num_frames=len(reader), name=f"{task} train", finite=False)
+  return Loader(_finish(ds, int(data_config.num_workers)), steps_per_epoch=steps,
+                batch_size=batch, name=f"{task} train", finite=False)
 
 
 def make_eval_loader(data_config, task: str, split: str, *, process_index: int = 0,
@@ -312,7 +307,7 @@ def make_eval_loader(data_config, task: str, split: str, *, process_index: int =
   len(loader) batches, padded at the end with valid=False (frame_id -1).
   """
   reader = _reader(data_config, task, split)
-  batch = _per_process(int(data_config.get("eval_batch_size", data_config.batch_size)),
+  batch = _per_process(int(data_config.eval_batch_size),
                        process_count, "eval_batch_size")
   shard_options = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=False)
   start, end = even_split(len(reader), shard_options)
@@ -320,13 +315,13 @@ def make_eval_loader(data_config, task: str, split: str, *, process_index: int =
   numbers = list(range(start, end)) + [samples.PADDING] * (steps * batch - (end - start))
   ds = grain.MapDataset.source(numbers).map(samples.ReadSample(reader))
   ds = ds.map(samples.Finalize(int(data_config.out_img_size))).batch(batch)
-  return Loader(_finish(ds, int(data_config.get("num_workers", 0))), steps_per_epoch=steps,
-                batch_size=batch, num_frames=len(reader), name=f"{task} {split}", finite=True)
+  return Loader(_finish(ds, int(data_config.num_workers)), steps_per_epoch=steps,
+                batch_size=batch, name=f"{task} {split}", finite=True)
 
 
 def class_counts(data_config, split: str, n_classes: int) -> tuple[int, ...]:
   """Frames per force class in a split, from the JSON metadata alone (no image is read)."""
   index, frames = select(data_config, split)
-  thresh = float(data_config.get("fsr_thresh", 0.2))
+  thresh = float(data_config.fsr_thresh)
   labels = [samples.tap_label(f, index.trials[f.trial_id], thresh) for f in frames]
   return tuple(int(c) for c in np.bincount(labels, minlength=n_classes)[:n_classes])

@@ -13,6 +13,7 @@ import time
 
 from dd_jax.data import egodorsal
 from dd_jax.data.egodorsal import MOTION_LABELS, DatasetFormatError, Frame
+from dd_jax.data.splits import leave_one_out_problems, resolve_split, run_splits
 
 
 class _Listing:
@@ -33,15 +34,6 @@ class _Listing:
     return names is not None and name in names
 
 
-def _roles(data_config) -> list[str]:
-  roles = []
-  for key, default in (("train_split", "train"), ("val_split", "val"), ("test_split", "test")):
-    name = data_config.get(key, default)
-    if name and name not in roles:
-      roles.append(name)
-  return roles
-
-
 def validate_dataset(data_config, task: str = "pose", splits: list[str] | None = None) -> str:
   """Checks the metadata and files the run will read; returns a one-line summary.
 
@@ -50,20 +42,20 @@ def validate_dataset(data_config, task: str = "pose", splits: list[str] | None =
   """
   start = time.perf_counter()
   root = os.path.abspath(data_config.data_dir)
-  fmt = data_config.get("format", "folder")
-  precropped = bool(data_config.get("precropped", True))
+  fmt = data_config.format
+  precropped = bool(data_config.precropped)
   problems: list[str] = []
   if not os.path.isdir(root):
     raise DatasetFormatError(f"EgoDorsal dataset {root}", [f"{root}: no such directory"])
   index = egodorsal.load_index(root, problems)
-  problems += egodorsal.leave_one_out_problems(data_config, index)
+  problems += leave_one_out_problems(data_config, index)
 
   selected: dict[str, list[Frame]] = {}
-  for split in splits or _roles(data_config):
-    split_name, participants = egodorsal.resolve_split(data_config, split, index)
+  for split in splits or run_splits(data_config):
+    split_name, participants = resolve_split(data_config, split, index)
     before = len(problems)
     frames = egodorsal.select_frames(index, split_name, participants,
-                                     float(data_config.get("sample_ratio", 1.0)), problems)
+                                     float(data_config.sample_ratio), problems)
     if not frames and len(problems) == before:
       problems.append(f"split '{split}': selects no frame")
     counts = collections.Counter(f.frame_id for f in frames)
