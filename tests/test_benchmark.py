@@ -58,6 +58,7 @@ def test_memory_child_reports_peak_rss(tmp_path):
 def test_analytic_flops_match_a_hand_count():
   """ViT-S/16 at 224: 201 tokens; 24 T D^2 + 4 T^2 D per block (matmuls of one image)."""
   from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
+
   from reference import deltadorsal as torch_reference  # pylint: disable=import-outside-toplevel
   config = dinov3.get_config("dinov3_vits16")
   t, d = 201, 384

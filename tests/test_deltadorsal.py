@@ -13,8 +13,8 @@ from flax import nnx
 from torch import nn
 
 from dd_jax.models import deltadorsal
-from reference import deltadorsal as tr
 
+from reference import deltadorsal as tr
 
 torch.manual_seed(0)
 D, Z, HW, B, HIDDEN = 24, 32, (4, 5), 3, 40
@@ -52,10 +52,12 @@ def max_err(a, b):
 def test_cosine_similarity_matches_torch_including_tiny_norms():
   a = torch.randn(6, 7, dtype=torch.float64)
   b = torch.randn(6, 7, dtype=torch.float64)
-  a[0] *= 1e-4; b[0] *= 1e-4   # product of norms < eps, each norm > eps
+  a[0] *= 1e-4  # product of norms < eps, each norm > eps
+  b[0] *= 1e-4
   a[1] *= 1e-8                  # one norm < eps
   b[2] = 0.0                    # zero vector
-  a[3] *= 3e-7; b[3] *= 3e-7    # both below eps
+  a[3] *= 3e-7  # both below eps
+  b[3] *= 3e-7
   ref = F.cosine_similarity(a, b, dim=1, eps=1e-6).numpy()
   ours = deltadorsal.cosine_similarity(jnp.asarray(a.numpy(), jnp.float32),
                                       jnp.asarray(b.numpy(), jnp.float32), eps=1e-6)

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from dd_jax import losses
-from reference import deltadorsal as tr
 from dd_jax.mano import io as mano_io
 
+from reference import deltadorsal as tr
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,8 @@ import numpy as np
 from dd_jax.data import align, egodorsal, samples, store
 from dd_jax.data.egodorsal import MOTION_FINGERS, MOTION_LABELS
 from dd_jax.mano.model import mano_forward
-from dd_jax.synthetic import render, rig as hand_rig
+from dd_jax.synthetic import render
+from dd_jax.synthetic import rig as hand_rig
 from dd_jax.synthetic.hand import synthetic_mano_model
 
 MOTION_TYPES = tuple(MOTION_LABELS)  # the six force motion types, label order

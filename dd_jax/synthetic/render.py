@@ -10,6 +10,7 @@ import dataclasses
 
 import numpy as np
 
+
 @dataclasses.dataclass(frozen=True)
 class Raster:
   """Per-pixel visible triangle: face (H, W) int32 (-1 = background), perspective-correct
