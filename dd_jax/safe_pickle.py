@@ -44,13 +44,31 @@ for _module in ("numpy.core.multiarray", "numpy._core.multiarray"):
 NUMPY_GLOBALS[("numpy", "ndarray")] = np.ndarray
 NUMPY_GLOBALS[("numpy", "dtype")] = np.dtype
 
+class StateDict(dict):
+  """What a pickled collections.OrderedDict becomes: a dict that also takes `_metadata`.
+
+  torch's `module.state_dict()` is an OrderedDict carrying a `_metadata` attribute (each
+  submodule's version), which its pickle restores with BUILD; a plain dict cannot take it.
+  Any other attribute is refused.
+  """
+  __slots__ = ("_metadata",)
+
+  def __setstate__(self, state: Any) -> None:
+    if (not isinstance(state, dict) or set(state) - {"_metadata"}
+        or not isinstance(state.get("_metadata", {}), dict)):
+      raise pickle.UnpicklingError(
+          f"collections.OrderedDict: only a dict `_metadata` attribute is accepted, got "
+          f"{sorted(state) if isinstance(state, dict) else type(state).__name__}")
+    self._metadata = state.get("_metadata")
+
+
 # Plain containers some pickles name explicitly (protocol 2 writes sets as a global call).
 CONTAINER_GLOBALS: dict[tuple[str, str], Any] = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("__builtin__", "set"): set,
     ("__builtin__", "frozenset"): frozenset,
-    ("collections", "OrderedDict"): dict,
+    ("collections", "OrderedDict"): StateDict,
 }
 
 

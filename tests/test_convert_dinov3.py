@@ -225,6 +225,47 @@ def test_read_torch_file_matches_torch_load(tmp_path):
   assert ours["nested"]["list"][1:] == [3, "text"]
 
 
+class _SmallNet(torch.nn.Module):
+  """Nested modules, a BatchNorm (int64 num_batches_tracked buffer) and a persistent buffer."""
+
+  def __init__(self):
+    super().__init__()
+    self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4),
+                                    torch.nn.GELU())
+    self.head = torch.nn.Linear(4, 2).to(torch.bfloat16)
+    self.register_buffer("scale", torch.tensor([0.5, 2.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("make", [lambda: torch.nn.Linear(3, 2), _SmallNet],
+                         ids=["Linear", "SmallNet"])
+def test_real_state_dict_pickles_load(tmp_path, make):
+  """torch.save(module.state_dict()) pickles an OrderedDict whose `_metadata` comes by BUILD."""
+  torch.manual_seed(0)
+  module = make()
+  torch.save(module.state_dict(), tmp_path / "m.pth")
+  ours = torch_file.read_torch_file(tmp_path / "m.pth")
+  theirs = torch.load(tmp_path / "m.pth", weights_only=True)
+  assert list(ours) == list(theirs)
+  for key, value in theirs.items():
+    np.testing.assert_array_equal(np.asarray(ours[key], np.float64),
+                                  value.double().numpy(), err_msg=key)
+  assert ours._metadata == theirs._metadata  # pylint: disable=protected-access
+
+
+def test_transformers_state_dict_pth_converts_with_the_tool(tmp_path):
+  """torch.save(DINOv3ViTModel.state_dict()) -> tools/convert_dinov3.py -> parity."""
+  model = make_hf_model("vits16_like")
+  torch.save(model.state_dict(), tmp_path / "hf_state_dict.pth")
+  assert _tool().main([str(tmp_path / "hf_state_dict.pth"), str(tmp_path / "out"),
+                       "--num-heads", "6"]) == 0
+  config, params = convert_dinov3.load_converted(tmp_path / "out")
+  images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+  patch_err, cls_err = max_errors(jax_forward(config, params, images),
+                                  torch_reference(model, images))
+  print(f"state_dict .pth via the tool: max abs (patch, cls) {patch_err:.1e}, {cls_err:.1e}")
+  assert patch_err < TOLERANCE and cls_err < TOLERANCE
+
+
 def test_conversion_needs_no_torch(cases, tmp_path):
   """Runs the reader and the tool where `import torch` (and safetensors, transformers) fails."""
   _, pth, hf_dir, _ = cases["vits16plus_like"]
