@@ -266,6 +266,26 @@ def test_transformers_state_dict_pth_converts_with_the_tool(tmp_path):
   assert patch_err < TOLERANCE and cls_err < TOLERANCE
 
 
+def test_sharded_save_pretrained_converts(tmp_path):
+  """save_pretrained with a small max_shard_size: several safetensors files and an index."""
+  model = make_hf_model("vits16plus_like")
+  model.save_pretrained(tmp_path / "hf", max_shard_size="2MB")
+  shards = sorted(p.name for p in (tmp_path / "hf").glob("*.safetensors"))
+  assert len(shards) > 2 and (tmp_path / "hf" / "model.safetensors.index.json").is_file(), shards
+  result = convert_dinov3.convert_with_report(tmp_path / "hf")
+  assert result.layout == "hf"
+  images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(4))
+  patch_err, cls_err = max_errors(jax_forward(result.config, result.params, images),
+                                  torch_reference(model, images))
+  print(f"{len(shards)} shards: max abs (patch, cls) {patch_err:.1e}, {cls_err:.1e}")
+  assert patch_err < TOLERANCE and cls_err < TOLERANCE
+  index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+  index["weight_map"]["norm.weight"] = "../elsewhere.safetensors"
+  (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(torch_file.TorchFileError, match=r"index\.json.*elsewhere"):
+    convert_dinov3.convert(tmp_path / "hf")
+
+
 def test_conversion_needs_no_torch(cases, tmp_path):
   """Runs the reader and the tool where `import torch` (and safetensors, transformers) fails."""
   _, pth, hf_dir, _ = cases["vits16plus_like"]

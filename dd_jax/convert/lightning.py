@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from dd_jax import losses
 from dd_jax import params as params_lib
 from dd_jax.convert import dinov3 as convert_dinov3
 from dd_jax.convert import torch_file
@@ -44,6 +45,9 @@ FORCE_HEAD_LAYERS = {"head.neck.0": ("head", "neck"), "head.trunk.0": ("head", "
                      "head.trunk.2": ("head", "trunk2"), "head.head": ("head", "out")}
 # The pose module registers its MANO layer (smplx buffers) in the state_dict.
 IGNORED_PREFIXES = ("mano_fit.", "mano.")
+# The force module registers its loss, nn.CrossEntropyLoss(weight=class weights): the weights are
+# checked against config.loss.class_counts (`check_class_weights`), not converted.
+CLASS_WEIGHTS_KEY = "force_loss.weight"
 
 
 class LightningConversionError(ValueError):
@@ -139,6 +143,32 @@ def _setting_mismatches(found: dict[str, Any], config) -> list[str]:
   return problems
 
 
+def check_class_weights(weight: Any, config) -> tuple[list[str], list[str]]:
+  """(problems, notes): the file's force_loss.weight against config.loss.class_counts.
+
+  The original weights its cross-entropy by 1 / class frequency (losses.class_weights); the
+  converted folder holds only the network, so a different config would silently fine-tune with
+  other weights. A mismatch is an error that names the counts reproducing the file's weights.
+  """
+  if not hasattr(weight, "shape"):
+    return [f"{CLASS_WEIGHTS_KEY}: a {type(weight).__name__}, not an array"], []
+  weight = np.asarray(weight, np.float64)
+  shown = "(" + ",".join(f"{w:.6g}" for w in weight) + ")"
+  counts = tuple(config.loss.get("class_counts") or ())
+  if not counts:
+    return [], [f"{CLASS_WEIGHTS_KEY} not checked: config.loss.class_counts=() counts the train "
+                f"split; the file's class weights are {shown}"]
+  want = losses.class_weights(counts).astype(np.float64)
+  if weight.shape == want.shape and np.allclose(weight, want, rtol=1e-5, atol=0):
+    return [], [f"{CLASS_WEIGHTS_KEY} (the original's class weights) matches "
+                f"config.loss.class_counts={counts}"]
+  frequencies = "(" + ",".join(f"{1 / w:.6g}" if w > 0 else "0" for w in weight) + ")"
+  return [f"{CLASS_WEIGHTS_KEY} (the original's class weights) is {shown}, but "
+          f"config.loss.class_counts={counts} gives "
+          f"({','.join(f'{w:.6g}' for w in want)}); to train with the file's weights pass "
+          f"--config.loss.class_counts={frequencies} (class frequencies; any scale)"], []
+
+
 # ---------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +250,11 @@ def lightning_state_dict_to_params(state_dict: dict[str, Any], config, *, source
       continue
     if key.startswith(IGNORED_PREFIXES):
       ignored.append(key)
+      continue
+    if key == CLASS_WEIGHTS_KEY and config.task == "force":
+      weight_problems, weight_notes = check_class_weights(value, config)
+      problems += weight_problems
+      notes += weight_notes
       continue
     layer, _, leaf = key.rpartition(".")
     if layer not in layers or leaf not in ("weight", "bias"):

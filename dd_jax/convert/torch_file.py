@@ -315,6 +315,24 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return arrays
 
 
+def _index_shards(index: str) -> list[str]:
+  """The shard file names of a model.safetensors.index.json; each must be a plain file name in
+  the index's own folder (no path, no '..')."""
+  try:
+    with open(index, encoding="utf-8") as f:
+      weight_map = json.load(f)["weight_map"]
+    names = set(weight_map.values())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
+          AttributeError) as e:
+    raise TorchFileError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
+  bad = sorted(repr(n) for n in names if not isinstance(n, str) or os.path.basename(n) != n
+               or n in ("", ".", "..") or not n.endswith(".safetensors"))
+  if bad:
+    raise TorchFileError(f"{index}: shard names must be .safetensors files beside the index, "
+                         f"got {', '.join(bad)}")
+  return sorted(names)
+
+
 # --- any of them ---------------------------------------------------------------------------------
 
 
@@ -325,15 +343,19 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict | None]:
   if os.path.isdir(path):
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-      with open(index) as f:
-        files = sorted(set(json.load(f)["weight_map"].values()))
+      files = _index_shards(index)
     else:
       files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
     if not files:
       raise TorchFileError(f"{path}: folder holds no .safetensors files")
     state_dict = {}
     for name in files:
-      state_dict.update(read_safetensors(os.path.join(path, name)))
+      shard = read_safetensors(os.path.join(path, name))
+      repeated = sorted(set(shard) & set(state_dict))
+      if repeated:
+        raise TorchFileError(f"{os.path.join(path, name)}: tensors also in an earlier shard: "
+                             + ", ".join(repeated[:5]))
+      state_dict.update(shard)
     config_path = os.path.join(path, "config.json")
   else:
     if not os.path.isfile(path):
