@@ -32,82 +32,125 @@ _STORAGE_DTYPES = {
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+Refusal = safe_pickle.Refusal
 
 
-class _StorageType:
+class _StorageType(safe_pickle.Frozen):
   """What the allowlist substitutes for torch.<X>Storage: only carries the dtype."""
+  __slots__ = ("name", "dtype")
 
   def __init__(self, name: str, dtype):
-    self.name = name
-    self.dtype = np.dtype(dtype)
+    object.__setattr__(self, "name", name)
+    object.__setattr__(self, "dtype", np.dtype(dtype))
+
+  def __repr__(self):
+    return f"<allowlisted torch.{self.name}>"
 
 
-def _rebuild_tensor(storage: np.ndarray, storage_offset: int, size, stride, *_unused) -> np.ndarray:
-  """torch._utils._rebuild_tensor(_v2) on a flat numpy storage, bounds-checked.
+class _Storage(safe_pickle.Frozen):
+  """A storage of the archive (what persistent_load returns): the only thing tensors view."""
+  __slots__ = ("key", "array")
 
-  as_strided would read outside the storage for a crafted size/stride, so the extent is
-  checked first.
+  def __init__(self, key: str, array: np.ndarray):
+    object.__setattr__(self, "key", key)
+    object.__setattr__(self, "array", array)
+
+  def __repr__(self):
+    return f"<storage {self.key!r} of {self.array.size} x {self.array.dtype}>"
+
+
+def _index(value: Any, what: str) -> int:
+  if not isinstance(value, int) or isinstance(value, bool):
+    raise Refusal(f"{what} must be an int, got {type(value).__name__}")
+  return value
+
+
+def _rebuild_tensor(load: safe_pickle.Load, storage: Any, storage_offset: Any, size: Any,
+                    stride: Any, *_unused) -> np.ndarray:
+  """torch._utils._rebuild_tensor(_v2) on a storage of the archive, bounds-checked.
+
+  The view must lie inside the storage's real buffer (as_strided would read outside it), and its
+  declared size is charged to the load before it is made.
   """
-  size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
-  if len(size) != len(stride) or any(s < 0 for s in size + stride) or storage_offset < 0:
-    raise TorchFileError(f"invalid tensor layout size={size} stride={stride} "
-                         f"offset={storage_offset}")
+  if not isinstance(storage, _Storage):
+    raise Refusal(f"tensor data must be a storage of the archive, got {type(storage).__name__}")
+  if not isinstance(size, tuple) or not isinstance(stride, tuple) or len(size) > 64:
+    raise Refusal(f"invalid tensor layout size={size!r:.100} stride={stride!r:.100}")
+  size = tuple(_index(n, "tensor size") for n in size)
+  stride = tuple(_index(n, "tensor stride") for n in stride)
+  offset = _index(storage_offset, "storage offset")
+  if len(size) != len(stride) or any(n < 0 for n in size + stride) or offset < 0:
+    raise Refusal(f"invalid tensor layout size={size} stride={stride} offset={offset}")
+  buffer = storage.array
+  load.charge(math.prod(size) * buffer.dtype.itemsize,
+              f"tensor of size {size} on storage {storage.key!r}")
   if 0 in size:
-    return np.zeros(size, storage.dtype)
-  last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
-  if last >= storage.size:
-    raise TorchFileError(f"tensor (size={size}, stride={stride}, offset={storage_offset}) reaches "
-                         f"element {last} of a storage of {storage.size} elements")
-  flat = storage[storage_offset:last + 1]
-  item = storage.dtype.itemsize
+    return np.zeros(size, buffer.dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if last >= buffer.size:
+    raise Refusal(f"tensor (size={size}, stride={stride}, offset={offset}) reaches element "
+                  f"{last} of storage {storage.key!r}, which holds {buffer.size}")
+  flat = buffer[offset:last + 1]
+  item = buffer.dtype.itemsize
   return np.lib.stride_tricks.as_strided(flat, size, tuple(s * item for s in stride),
                                          writeable=False)
 
 
-def _rebuild_parameter(data, requires_grad=None, backward_hooks=None, state=None):
-  del requires_grad, backward_hooks, state  # nn.Parameter -> its data
+def _rebuild_parameter(load, data, requires_grad=None, backward_hooks=None, state=None):
+  del load, requires_grad, backward_hooks, state  # nn.Parameter -> its data
   return data
 
 
-class _TensorType:
+class _TensorType(safe_pickle.Marker):
   """Stands for torch.Tensor / nn.Parameter as the `new_type` of _rebuild_from_type_v2."""
+  __slots__ = ()
 
 
-def _rebuild_from_type_v2(func, new_type, args, state):
-  del new_type, state  # `func` itself came through the allowlist
+def _rebuild_from_type_v2(load, func, new_type, args, state=None):
+  del load, new_type, state
+  if not isinstance(func, safe_pickle.AllowedCallable) or not isinstance(args, tuple):
+    raise Refusal(f"_rebuild_from_type_v2 needs an allowlisted function, got {func!r:.80}")
   return func(*args)
 
 
-def _codecs_encode(text: str, encoding: str = "utf-8") -> bytes:
+def _codecs_encode(load, text: Any, encoding: str = "utf-8") -> bytes:
   # Protocol-2 pickles spell bytes (e.g. inside numpy arrays) as _codecs.encode(str, 'latin1').
+  del load
   if not isinstance(text, str) or encoding not in ("latin1", "latin-1", "utf-8", "utf8"):
-    raise TorchFileError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not allowed")
+    raise Refusal(f"_codecs.encode({type(text).__name__}, {encoding!r:.40}) is not allowed")
   return text.encode(encoding)
 
 
+_fn = safe_pickle._factory  # pylint: disable=protected-access
 TENSOR_GLOBALS: dict[tuple[str, str], Any] = {
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-    ("torch", "Tensor"): _TensorType,
-    ("torch.nn.parameter", "Parameter"): _TensorType,
-    ("_codecs", "encode"): _codecs_encode,
-    **{("torch", name): _StorageType(name, dtype) for name, dtype in _STORAGE_DTYPES.items()},
+    ("torch._utils", "_rebuild_tensor_v2"): _fn("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor"): _fn("torch._utils._rebuild_tensor", _rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _fn("torch._utils._rebuild_parameter",
+                                                _rebuild_parameter),
+    ("torch._utils", "_rebuild_parameter_with_state"): _fn(
+        "torch._utils._rebuild_parameter_with_state", _rebuild_parameter),
+    ("torch._tensor", "_rebuild_from_type_v2"): _fn("torch._tensor._rebuild_from_type_v2",
+                                                    _rebuild_from_type_v2),
+    ("torch", "Tensor"): lambda load: _TensorType("torch.Tensor"),
+    ("torch.nn.parameter", "Parameter"): lambda load: _TensorType("torch.nn.Parameter"),
+    ("_codecs", "encode"): _fn("_codecs.encode", _codecs_encode),
+    **{("torch", name): (lambda load, n=name, d=dtype: _StorageType(n, d))
+       for name, dtype in _STORAGE_DTYPES.items()},
 }
 
 
 # --- stub mode ---------------------------------------------------------------------------------
 
 
-class StubObject:
+class StubObject(metaclass=safe_pickle._FrozenClass):  # pylint: disable=protected-access
   """Inert stand-in for a global outside the allowlist ("stub" mode): nothing of it runs.
 
   `global_name` is the pickled "module.name"; `args`, `kwargs`, `state`, `items`, `list_items`
   keep what the pickle passed to it (constructor arguments, __setstate__, dict/list contents).
+  Each load makes its own subclasses, and their class attributes cannot be changed.
   """
   global_name = "?"
+  pickled_fields = ("args", "kwargs", "state", "items", "list_items")
 
   def __new__(cls, *args, **kwargs):
     obj = object.__new__(cls)
@@ -135,7 +178,7 @@ class StubObject:
 
 
 class _StubAllowlist(dict):
-  """An allowlist that answers every other global with a fresh StubObject subclass."""
+  """An allowlist that answers every other global with a factory of a fresh StubObject subclass."""
 
   def __init__(self, allowed, stub_names: list[str]):
     super().__init__(allowed)
@@ -143,52 +186,58 @@ class _StubAllowlist(dict):
 
   def __missing__(self, key: tuple[str, str]):
     name = f"{key[0]}.{key[1]}"
-    stub = type(f"Stub[{name}]", (StubObject,), {"global_name": name})
-    self[key] = stub
     self._stub_names.append(name)
-    return stub
+    return lambda load: safe_pickle._FrozenClass(  # pylint: disable=protected-access
+        f"Stub[{name}]", (StubObject,), {"global_name": name})
 
 
 # --- .pth / .ckpt ------------------------------------------------------------------------------
 
 
-def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype, numel: int
-                 ) -> np.ndarray:
-  """The storage `name` as a flat read-only array: a memory map when the entry is stored."""
+def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype, numel: int,
+                 load: safe_pickle.Load) -> np.ndarray:
+  """The storage `name` as a flat read-only array: a memory map when the entry is stored; else
+  exactly the bytes the pickle declares are decompressed (never the whole entry)."""
   try:
     info = archive.getinfo(name)
   except KeyError:
-    raise TorchFileError(f"storage entry {name!r} is missing from the archive") from None
+    raise Refusal(f"storage entry {name!r} is missing from the archive") from None
   nbytes = numel * dtype.itemsize
   if info.file_size < nbytes:
-    raise TorchFileError(f"storage {name!r} holds {info.file_size} bytes, the pickle "
-                         f"needs {nbytes} ({numel} x {dtype})")
+    raise Refusal(f"storage {name!r} holds {info.file_size} bytes, the pickle needs {nbytes} "
+                  f"({numel} x {dtype})")
+  if numel == 0:
+    return np.zeros((0,), dtype)
   if info.compress_type == zipfile.ZIP_STORED:
     with open(path, "rb") as f:
       f.seek(info.header_offset)
       header = f.read(30)
     if len(header) < 30 or header[:4] != b"PK\x03\x04":
-      raise TorchFileError(f"bad local header for {name!r} (truncated file?)")
+      raise Refusal(f"bad local header for {name!r} (truncated file?)")
     name_len, extra_len = struct.unpack("<HH", header[26:30])
     offset = info.header_offset + 30 + name_len + extra_len
     if offset + nbytes > os.path.getsize(path):
-      raise TorchFileError(f"storage {name!r} runs past the end of the file (truncated?)")
-    if numel == 0:
-      return np.zeros((0,), dtype)
+      raise Refusal(f"storage {name!r} runs past the end of the file (truncated?)")
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(numel,))
-  data = archive.read(name)[:nbytes]
+  load.charge(nbytes, f"compressed storage {name!r}")  # decompressed into memory
+  with archive.open(name) as f:
+    data = f.read(nbytes)
+  if len(data) != nbytes:
+    raise Refusal(f"storage {name!r} decompresses to {len(data)} bytes, the pickle needs {nbytes}")
   return np.frombuffer(data, dtype=dtype, count=numel)
 
 
 def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
-                    stub_names: list[str] | None = None) -> Any:
+                    stub_names: list[str] | None = None, max_bytes: int | None = None) -> Any:
   """Reads a zip-format torch.save file (.pth, Lightning .ckpt) without torch.
 
   Tensors become numpy arrays (bf16 as ml_dtypes.bfloat16; read-only, memory-mapped from the file
   where possible); nn.Parameters become their data. Globals outside the tensor/container allowlist:
   unknown_globals="refuse" raises safe_pickle.UnsafePickleError naming the first one;
   "stub" substitutes inert StubObject subclasses, records their names in `stub_names` (if given)
-  and logs them. Nothing from the file is ever executed.
+  and logs them. Nothing from the file is ever executed. Every array's declared size is checked
+  against `max_bytes` (safe_pickle.Load) before it is read. Other problems raise TorchFileError
+  naming the file.
   """
   path = os.fspath(path)
   if unknown_globals not in ("refuse", "stub"):
@@ -201,9 +250,10 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
     hint = (" (a legacy pre-1.6 torch pickle: re-save it with torch.save to get the zip format)"
             if head[:1] == b"\x80" else " (truncated, or not a torch.save file)")
     raise TorchFileError(f"{path}: not a zip archive{hint}")
+  load = safe_pickle.Load(path, os.path.getsize(path), max_bytes)
   try:
     archive = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError) as e:
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
     raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
   with archive:
     pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
@@ -211,41 +261,59 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
       raise TorchFileError(f"{path}: expected one */data.pkl entry, found {pickles or 'none'}")
     prefix = pickles[0][:-len("data.pkl")]
     byteorder = "little"
-    if prefix + "byteorder" in archive.namelist():
-      byteorder = archive.read(prefix + "byteorder").decode("ascii", "replace").strip()
-      if byteorder not in ("little", "big"):
-        raise TorchFileError(f"{path}: unknown byteorder {byteorder!r}")
-    storages: dict[str, np.ndarray] = {}
+    try:
+      if prefix + "byteorder" in archive.namelist():
+        with archive.open(prefix + "byteorder") as f:
+          byteorder = f.read(16).decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+          raise TorchFileError(f"{path}: unknown byteorder {byteorder!r:.40}")
+      pickle_size = archive.getinfo(pickles[0]).file_size
+      load.charge(pickle_size, "the pickle (data.pkl)")
+    except safe_pickle.Refusal as e:
+      raise TorchFileError(f"{path}: refused: {e}") from None
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+      raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
+    storages: dict[str, _Storage] = {}
 
     def persistent_load(pid):
       if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-        raise TorchFileError(f"unsupported persistent id {pid!r}")
+        raise Refusal(f"unsupported persistent id {pid!r:.100}")
       _, storage_type, key, _location, numel = pid
       if not isinstance(storage_type, _StorageType):
-        raise TorchFileError(f"storage {key!r} has unsupported type {storage_type!r}")
-      key = str(key)
+        raise Refusal(f"storage {key!r:.40} has unsupported type {storage_type!r:.80}")
+      if not isinstance(key, str) or not key.isalnum():
+        raise Refusal(f"storage key {key!r:.40} is not a plain name")
+      numel = _index(numel, "storage size")
+      if numel < 0:
+        raise Refusal(f"storage {key!r} has negative size {numel}")
       if key not in storages:
         dtype = storage_type.dtype.newbyteorder("<" if byteorder == "little" else ">")
-        array = _entry_array(path, archive, f"{prefix}data/{key}", dtype, int(numel))
+        array = _entry_array(path, archive, f"{prefix}data/{key}", dtype, numel, load)
         if byteorder == "big":
+          load.charge(array.nbytes, f"big-endian storage {key!r}")
           array = array.astype(storage_type.dtype)
-        storages[key] = array
+        storages[key] = _Storage(key, array)
+      elif (storages[key].array.dtype.newbyteorder("=") != storage_type.dtype
+            or storages[key].array.size != numel):
+        raise Refusal(f"storage {key!r} is declared twice with different types or sizes")
       return storages[key]
 
     allowed = {**safe_pickle.NUMPY_GLOBALS, **safe_pickle.CONTAINER_GLOBALS, **TENSOR_GLOBALS}
     stubbed: list[str] = []
     if unknown_globals == "stub":
       allowed = _StubAllowlist(allowed, stubbed)
-    with archive.open(pickles[0]) as f:
-      try:
-        obj = safe_pickle.restricted_load(f, allowed, source=path, encoding="utf-8",
-                                          persistent_load=persistent_load)
-      except safe_pickle.UnsafePickleError:
-        raise
-      except Exception as e:  # pylint: disable=broad-except
-        if isinstance(e.__cause__, TorchFileError):  # a storage or tensor problem
-          raise TorchFileError(f"{path}: {e.__cause__}") from e
-        raise TorchFileError(str(e)) from e
+    try:
+      with archive.open(pickles[0]) as f:
+        obj = safe_pickle.restricted_load(f, allowed, encoding="utf-8", load=load,
+                                          size=pickle_size, persistent_load=persistent_load)
+    except safe_pickle.UnsafePickleError:
+      raise
+    except safe_pickle.RefusedFileError as e:
+      raise TorchFileError(str(e)) from None
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+      raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
+    except MemoryError:
+      raise TorchFileError(f"{path}: refused: out of memory while reading") from None
   if stubbed:
     logging.info("%s: loaded %d global(s) as inert stubs: %s", path, len(stubbed),
                  ", ".join(stubbed))

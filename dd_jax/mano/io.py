@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import struct
+import zipfile
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -39,20 +40,29 @@ OPTIONAL_KEYS = ("J", "hands_coeffs", "bs_style", "bs_type")
 # ---------------------------------------------------------------- stand-ins for pickled classes
 
 
-class _StateHolder:
-  """Inert object that only records the state a pickle gives it (never runs third-party code)."""
+class _StateHolder(metaclass=safe_pickle._FrozenClass):  # pylint: disable=protected-access
+  """Inert object that only records the state a pickle gives it (never runs third-party code).
+
+  Each load gets its own subclass (`safe_pickle.frozen_subclass`), whose class attributes cannot
+  be changed; an instance takes one BUILD.
+  """
+  pickled_fields = ("state",)
 
   def __setstate__(self, state: Any) -> None:
+    if "state" in self.__dict__:
+      raise safe_pickle.Refusal(f"a second BUILD on a {type(self).__name__}")
     if isinstance(state, tuple) and len(state) == 2:  # (dict state, slot state)
+      if not all(s is None or isinstance(s, dict) for s in state):
+        raise safe_pickle.Refusal(f"{type(self).__name__}: unexpected state {type(state)}")
       state = {**(state[0] or {}), **(state[1] or {})}
     if not isinstance(state, dict):
-      raise pickle.UnpicklingError(f"{type(self).__name__}: unexpected state {type(state)}")
+      raise safe_pickle.Refusal(f"{type(self).__name__}: unexpected state {type(state)}")
     self.state = state
 
   def get(self, key: str, source: str) -> Any:
     try:
       return self.state[key]
-    except (AttributeError, KeyError):
+    except (AttributeError, KeyError, TypeError):
       raise ValueError(f"{source}: pickled {type(self).__name__} has no '{key}' in its state") from None
 
 
@@ -68,24 +78,32 @@ class ScipyCscMatrix(_StateHolder):
   """Stands in for scipy.sparse.csc_matrix: data, indices, indptr and _shape in the state."""
 
 
-def _latin1_encode(text: Any, encoding: str = "latin1") -> bytes:
+def _latin1_encode(load: Any, text: Any, encoding: str = "latin1") -> bytes:
   """`_codecs.encode` as Python-3 protocol-2 pickles use it for bytes; only latin1 allowed."""
-  if not isinstance(text, str) or encoding.lower().replace("_", "-") not in ("latin1", "latin-1"):
-    raise pickle.UnpicklingError(f"_codecs.encode: only (str, 'latin1') is allowed, got {encoding!r}")
+  del load
+  if (not isinstance(text, str) or not isinstance(encoding, str)
+      or encoding.lower().replace("_", "-") not in ("latin1", "latin-1")):
+    raise safe_pickle.Refusal(f"_codecs.encode: only (str, 'latin1') is allowed, got "
+                              f"{encoding!r:.40}")
   return text.encode("latin1")
+
+
+def _stand_in(cls: type, name: str):
+  return lambda load: safe_pickle.frozen_subclass(cls, name)
 
 
 # Exactly what the official file names (SPEC.md section 3) plus the same classes under the module
 # paths newer numpy / scipy / Python 3 write ("cleaned" pickles); everything else is refused.
 MANO_GLOBALS: dict[tuple[str, str], Any] = {
     **safe_pickle.NUMPY_GLOBALS,
-    ("__builtin__", "set"): set,
-    ("builtins", "set"): set,
-    ("chumpy.ch", "Ch"): ChumpyCh,
-    ("chumpy.reordering", "Select"): ChumpySelect,
-    ("scipy.sparse.csc", "csc_matrix"): ScipyCscMatrix,
-    ("scipy.sparse._csc", "csc_matrix"): ScipyCscMatrix,
-    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "set"): safe_pickle.CONTAINER_GLOBALS[("__builtin__", "set")],
+    ("builtins", "set"): safe_pickle.CONTAINER_GLOBALS[("builtins", "set")],
+    ("chumpy.ch", "Ch"): _stand_in(ChumpyCh, "chumpy.ch.Ch"),
+    ("chumpy.reordering", "Select"): _stand_in(ChumpySelect, "chumpy.reordering.Select"),
+    ("scipy.sparse.csc", "csc_matrix"): _stand_in(ScipyCscMatrix, "scipy.sparse.csc_matrix"),
+    ("scipy.sparse._csc", "csc_matrix"): _stand_in(ScipyCscMatrix, "scipy.sparse.csc_matrix"),
+    ("_codecs", "encode"): safe_pickle._factory(  # pylint: disable=protected-access
+        "_codecs.encode", _latin1_encode),
 }
 
 
@@ -114,6 +132,9 @@ def _csc_to_dense(matrix: ScipyCscMatrix, key: str, source: str) -> np.ndarray:
   shape = state.get("_shape", state.get("shape"))
   if shape is None:
     raise ValueError(f"{where}: pickled csc_matrix has no '_shape' in its state")
+  if tuple(shape) != EXPECTED_SHAPES.get(key):
+    raise ValueError(f"{where}: csc_matrix of shape {shape!r:.80}, expected "
+                     f"{EXPECTED_SHAPES.get(key)}")
   rows, cols = (int(s) for s in shape)
   data = np.asarray(matrix.get("data", where), dtype=np.float64)
   indices = np.asarray(matrix.get("indices", where), dtype=np.int64)
@@ -140,22 +161,37 @@ def read_mano_arrays(path: str | os.PathLike) -> dict[str, Any]:
   path = os.fspath(path)
   if not os.path.exists(path):
     raise FileNotFoundError(f"MANO model file not found: {path}")
-  if path.endswith(".npz"):
-    with np.load(path, allow_pickle=False) as npz:
-      raw = {}
-      for key in npz.files:
-        try:
-          raw[key] = npz[key]
-        except ValueError as e:  # object arrays need pickle: refused
-          if key in EXPECTED_SHAPES:
-            raise ValueError(f"{path}: key '{key}' is stored as a pickled object array") from e
-  else:
-    raw = safe_pickle.restricted_load(path, MANO_GLOBALS, source=path, encoding="latin1")
-  if not isinstance(raw, dict):
-    raise ValueError(f"{path}: expected a dict of MANO arrays, got {type(raw).__name__}")
-  arrays = {key: _to_array(value, key, path) for key, value in raw.items()
-            if key in EXPECTED_SHAPES or key in OPTIONAL_KEYS}
+  try:
+    raw = _read_npz(path) if path.endswith(".npz") else safe_pickle.restricted_load(
+        path, MANO_GLOBALS, source=path, encoding="latin1")
+    if not isinstance(raw, dict):
+      raise ValueError(f"{path}: expected a dict of MANO arrays, got {type(raw).__name__}")
+    arrays = {key: _to_array(value, key, path) for key, value in raw.items()
+              if key in EXPECTED_SHAPES or key in OPTIONAL_KEYS}
+  except (TypeError, RecursionError, MemoryError) as e:
+    raise ValueError(f"{path}: not a usable MANO file ({type(e).__name__}: {e})") from None
   return validate_mano_arrays(arrays, source=path)
+
+
+def _read_npz(path: str) -> dict[str, Any]:
+  """The MANO keys of an .npz: each member's header is checked (plain dtype, declared size under
+  the caps) before its data is decompressed; pickled object arrays are refused."""
+  load = safe_pickle.Load(path, os.path.getsize(path))
+  raw = {}
+  try:
+    with zipfile.ZipFile(path) as archive:
+      for info in archive.infolist():
+        key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else None
+        if key not in EXPECTED_SHAPES and key not in OPTIONAL_KEYS:
+          continue
+        with archive.open(info) as f:
+          try:
+            raw[key] = safe_pickle.read_npy_stream(f, info.file_size, load, allow_pickle=False)
+          except safe_pickle.Refusal as e:
+            raise safe_pickle.RefusedFileError(f"{path}: refused: key '{key}': {e}") from None
+  except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+    raise ValueError(f"{path}: unreadable .npz ({type(e).__name__}: {e})") from None
+  return raw
 
 
 def validate_mano_arrays(arrays: dict[str, Any], source: str = "<MANO arrays>") -> dict[str, Any]:
