@@ -88,17 +88,6 @@ class Load:
 # ---------------------------------------------------------------- immutable stand-ins
 
 
-class _FrozenClass(type):
-  """Metaclass of the classes a pickle can name: their attributes cannot be set (BUILD with a
-  slot state on a class would otherwise rewrite it)."""
-
-  def __setattr__(cls, name, value):
-    raise Refusal(f"cannot set attribute {name!r} of allowlisted class {cls.__name__}")
-
-  def __delattr__(cls, name):
-    raise Refusal(f"cannot delete attribute {name!r} of allowlisted class {cls.__name__}")
-
-
 class Frozen:
   """Base of the objects a pickle can name: no attributes, and BUILD on them is refused."""
   __slots__ = ()
@@ -143,10 +132,11 @@ class Marker(Frozen):
     return f"<allowlisted {self.name}>"
 
 
-def frozen_subclass(base: type, name: str) -> type:
-  """A fresh subclass of `base` (whose metaclass is _FrozenClass) for one load."""
-  return _FrozenClass(base.__name__, (base,), {"__module__": base.__module__,
-                                               "__qualname__": f"{base.__qualname__}[{name}]"})
+def fresh_subclass(base: type, name: str) -> type:
+  """A new subclass of `base` for one load: a BUILD that reached the class (it cannot: pickle
+  calls the class's __setstate__ with the state as `self`, a TypeError) would end with the load."""
+  return type(base.__name__, (base,), {"__module__": base.__module__,
+                                       "__qualname__": f"{base.__qualname__}[{name}]"})
 
 
 # ---------------------------------------------------------------- numpy

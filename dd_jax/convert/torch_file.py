@@ -142,12 +142,12 @@ TENSOR_GLOBALS: dict[tuple[str, str], Any] = {
 # --- stub mode ---------------------------------------------------------------------------------
 
 
-class StubObject(metaclass=safe_pickle._FrozenClass):  # pylint: disable=protected-access
+class StubObject:
   """Inert stand-in for a global outside the allowlist ("stub" mode): nothing of it runs.
 
   `global_name` is the pickled "module.name"; `args`, `kwargs`, `state`, `items`, `list_items`
   keep what the pickle passed to it (constructor arguments, __setstate__, dict/list contents).
-  Each load makes its own subclasses, and their class attributes cannot be changed.
+  Each load makes its own subclasses.
   """
   global_name = "?"
   pickled_fields = ("args", "kwargs", "state", "items", "list_items")
@@ -187,11 +187,18 @@ class _StubAllowlist(dict):
   def __missing__(self, key: tuple[str, str]):
     name = f"{key[0]}.{key[1]}"
     self._stub_names.append(name)
-    return lambda load: safe_pickle._FrozenClass(  # pylint: disable=protected-access
-        f"Stub[{name}]", (StubObject,), {"global_name": name})
+    return lambda load: type(f"Stub[{name}]", (StubObject,), {"global_name": name})
 
 
 # --- .pth / .ckpt ------------------------------------------------------------------------------
+
+
+def _check_compression(info: zipfile.ZipInfo) -> None:
+  """torch.save stores entries uncompressed; deflate is read in bounded steps. zipfile decompresses
+  bzip2 / lzma in unbounded chunks (a 2 KB entry becomes GBs at once), so those are refused."""
+  if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+    raise Refusal(f"entry {info.filename!r}: compression method {info.compress_type} is not "
+                  f"accepted (torch.save writes stored entries; deflate is also read)")
 
 
 def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype, numel: int,
@@ -206,6 +213,7 @@ def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype
   if info.file_size < nbytes:
     raise Refusal(f"storage {name!r} holds {info.file_size} bytes, the pickle needs {nbytes} "
                   f"({numel} x {dtype})")
+  _check_compression(info)
   if numel == 0:
     return np.zeros((0,), dtype)
   if info.compress_type == zipfile.ZIP_STORED:
@@ -263,10 +271,12 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
     byteorder = "little"
     try:
       if prefix + "byteorder" in archive.namelist():
+        _check_compression(archive.getinfo(prefix + "byteorder"))
         with archive.open(prefix + "byteorder") as f:
           byteorder = f.read(16).decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
           raise TorchFileError(f"{path}: unknown byteorder {byteorder!r:.40}")
+      _check_compression(archive.getinfo(pickles[0]))
       pickle_size = archive.getinfo(pickles[0]).file_size
       load.charge(pickle_size, "the pickle (data.pkl)")
     except safe_pickle.Refusal as e:
@@ -331,10 +341,15 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
+
+
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a .safetensors file (u64-LE header length, JSON header, raw LE bytes) as arrays.
 
-  Arrays are read-only memory maps of the file; every entry's extent is checked against the file.
+  Arrays are read-only memory maps of the file; every entry's extent is checked against the file,
+  and entries may not overlap (as the safetensors library requires), so the arrays together never
+  declare more bytes than the file holds.
   """
   path = os.fspath(path)
   file_size = os.path.getsize(path)
@@ -343,6 +358,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if len(raw_len) < 8:
       raise TorchFileError(f"{path}: too short for a safetensors file ({file_size} bytes)")
     (header_len,) = struct.unpack("<Q", raw_len)
+    if header_len > _MAX_SAFETENSORS_HEADER:
+      raise TorchFileError(f"{path}: refused: a {header_len:,}-byte header (safetensors allows "
+                           f"{_MAX_SAFETENSORS_HEADER:,})")
     if 8 + header_len > file_size:
       raise TorchFileError(f"{path}: header of {header_len} bytes runs past the end of the "
                            f"{file_size}-byte file (truncated, or not safetensors)")
@@ -355,6 +373,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   data_start = 8 + header_len
   arrays = {}
   problems = []
+  extents = []
   for name, entry in header.items():
     if name == "__metadata__":
       continue
@@ -373,11 +392,16 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       problems.append(f"{name}: data ends at byte {data_start + end}, past the end of the file "
                       f"({file_size} bytes; truncated?)")
       continue
+    extents.append((begin, end, name))
     if numel == 0:
       arrays[name] = np.zeros(shape, dtype)
     else:
       arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin,
                                shape=shape)
+  extents.sort()
+  for (_, end, first), (begin, _, second) in zip(extents, extents[1:]):
+    if begin < end:
+      problems.append(f"{second}: its data overlaps {first}'s")
   if problems:
     raise TorchFileError(f"{path}: " + "; ".join(problems))
   return arrays

@@ -73,9 +73,16 @@ def matrix_to_axis_angle(R: np.ndarray) -> np.ndarray:
   return v * scale[..., None]
 
 
+# The prior and annotation arrays are small (at most 15x3x3 numbers); anything much larger is
+# refused before it is converted to float64.
+_MAX_VALUES = 4096
+
+
 def _array(d: dict, key: str, where: str) -> np.ndarray | None:
   if key not in d or d[key] is None:
     return None
+  if isinstance(d[key], np.ndarray) and d[key].size > _MAX_VALUES:
+    raise ValueError(f"'{key}' holds {d[key].size} values, far more than a pose or keypoints")
   try:
     value = np.asarray(d[key], np.float64)
   except (TypeError, ValueError) as e:

@@ -40,11 +40,10 @@ OPTIONAL_KEYS = ("J", "hands_coeffs", "bs_style", "bs_type")
 # ---------------------------------------------------------------- stand-ins for pickled classes
 
 
-class _StateHolder(metaclass=safe_pickle._FrozenClass):  # pylint: disable=protected-access
+class _StateHolder:
   """Inert object that only records the state a pickle gives it (never runs third-party code).
 
-  Each load gets its own subclass (`safe_pickle.frozen_subclass`), whose class attributes cannot
-  be changed; an instance takes one BUILD.
+  Each load gets its own subclass (`safe_pickle.fresh_subclass`); an instance takes one BUILD.
   """
   pickled_fields = ("state",)
 
@@ -89,7 +88,7 @@ def _latin1_encode(load: Any, text: Any, encoding: str = "latin1") -> bytes:
 
 
 def _stand_in(cls: type, name: str):
-  return lambda load: safe_pickle.frozen_subclass(cls, name)
+  return lambda load: safe_pickle.fresh_subclass(cls, name)
 
 
 # Exactly what the official file names (SPEC.md section 3) plus the same classes under the module
@@ -184,6 +183,9 @@ def _read_npz(path: str) -> dict[str, Any]:
         key = info.filename[:-len(".npy")] if info.filename.endswith(".npy") else None
         if key not in EXPECTED_SHAPES and key not in OPTIONAL_KEYS:
           continue
+        if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+          raise ValueError(f"{path}: key '{key}': compression method {info.compress_type} is "
+                           f"not accepted (np.savez stores, np.savez_compressed deflates)")
         with archive.open(info) as f:
           try:
             raw[key] = safe_pickle.read_npy_stream(f, info.file_size, load, allow_pickle=False)
