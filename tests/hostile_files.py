@@ -314,6 +314,9 @@ def make_corpus(folder: str, marker_dir: str) -> list[Case]:
   npy("npy_huge_bytes_opcode.npy",
       Raw(b"\x8e" + struct.pack("<Q", 1 << 40) + b"tiny"),
       r"not a readable pickle|out of memory while reading")
+  # CPython's C unpickler sizes its memo array by the largest PUT index: 800 MB here
+  npy("npy_memo_index_bomb.npy",
+      {"hand_pose": Raw(pickle.NONE + pickle.LONG_BINPUT + struct.pack("<I", 50_000_000))}, "")
   # --- allowlisted objects are immutable (BUILD on them is refused)
   npy("npy_build_on_reconstruct.npy", Build(RECONSTRUCT, {"x": 1}), r"BUILD on allowlisted")
   npy("npy_build_on_ndarray_marker.npy", Build(NDARRAY, (None, {"name": "x"})),

@@ -12,11 +12,12 @@ import pytest
 import torch
 from flax import nnx
 
-import original_modules as om
 from dd_jax import default_config, losses
 from dd_jax.convert import lightning
 from dd_jax.mano import synthetic
 from dd_jax.models import deltadorsal
+
+import original_modules as om
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIPPED = ("hyper_parameters", "optimizer_states", "lr_schedulers", "loops", "callbacks")

@@ -3,6 +3,7 @@ with the file loaded or refused by name (no crash, no other exception), creates 
 and grows resident memory by less than the documented bound (twice the file's size plus the cap,
 docs/security.md); each refusal rule gives its own reason."""
 
+import importlib.util
 import json
 import os
 import re
@@ -14,12 +15,12 @@ import pytest
 import hostile_files
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROBE = os.path.join(ROOT, "tests", "probe_loaders.py")
+PROBE = os.path.join(ROOT, "tools", "probe_loaders.py")
 SLACK = 8 << 20  # interpreter noise (allocator arenas, caches) in a measured run
 
 
 def run_probe(jobs, folder, cap=hostile_files.CAP):
-  """Results of tests/probe_loaders.py on `jobs`; a crashed process is recorded against the file
+  """Results of tools/probe_loaders.py on `jobs`; a crashed process is recorded against the file
   it was reading and the rest of the jobs run in a new process."""
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1",
              DD_JAX_MAX_ARRAY_BYTES=str(cap))
@@ -33,6 +34,8 @@ def run_probe(jobs, folder, cap=hostile_files.CAP):
     started = None
     for line in done.stdout.splitlines():
       record = json.loads(line)
+      if "ready" in record:
+        continue
       if "start" in record:
         started = record["start"]
       else:
@@ -93,3 +96,48 @@ def test_every_loader_on_every_crafted_file(corpus):
   problems = check(results, cases)
   assert not os.listdir(markers), f"code ran: {os.listdir(markers)}"
   assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems)
+
+
+# ------------------------------------------------------------------ fuzzing
+
+def _fuzz_tool():
+  spec = importlib.util.spec_from_file_location(
+      "fuzz_loaders", os.path.join(ROOT, "tools", "fuzz_loaders.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def fuzz_seeds(tmp_path_factory):
+  """Seed files from the real writers: np.save, torch.save(state_dict()), the MANO writer."""
+  import torch  # pylint: disable=import-outside-toplevel
+
+  from dd_jax.mano import synthetic  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("fuzz_seeds")
+  torch.manual_seed(0)
+  module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+  torch.save(module.state_dict(), folder / "state_dict.pth")
+  synthetic.write_synthetic_mano(folder / "mano_official.pkl", layout="official")
+  return folder, _fuzz_tool().default_seeds(str(folder)) + [
+      str(folder / "state_dict.pth"), str(folder / "mano_official.pkl")]
+
+
+def _fuzz(seed_files, cases, seed, work):
+  report = _fuzz_tool().fuzz(cases, seed, seed_files, str(work))
+  print(f"fuzz: {report['cases']} mutated files, {report['runs']} reader runs: "
+        f"{report['outcomes']}")
+  assert report["cases"] == cases and not report["problems"], report["problems"][:20]
+  assert report["outcomes"].get("refused", 0) and report["outcomes"].get("loaded", 0)
+
+
+def test_fuzz_quick(fuzz_seeds, tmp_path):
+  _fuzz(fuzz_seeds[1], 300, 1, tmp_path)
+
+
+@pytest.mark.slow
+def test_fuzz_thousands_with_a_lightning_checkpoint(fuzz_seeds, tmp_path):
+  import original_modules  # pylint: disable=import-outside-toplevel
+  ckpt = fuzz_seeds[0] / "force.ckpt"
+  original_modules.force_checkpoint(ckpt)
+  _fuzz(fuzz_seeds[1] + [str(ckpt)], 3000, 2, tmp_path)

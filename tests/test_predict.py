@@ -83,6 +83,28 @@ def test_cli_one_pair_equals_the_evaluator(trained, tiny_dataset, tmp_path):
   assert summary["frames"] == 1 and summary["mean_ms"] > 0
 
 
+def test_cli_refuses_a_forged_hamer_file_cleanly(trained, tiny_dataset, tmp_path):
+  """issue 15: `--hamer forged.npy` (an object dtype whose state says "no objects") used to exit
+  139; now the command names the file and exits 1, and a code payload runs nothing."""
+  import hostile_files  # pylint: disable=import-outside-toplevel
+  workdir, record = trained
+  image, base, _, _ = _test_frames(tiny_dataset)[int(record["frame_id"][0])]
+  forged = {"hand_pose": hostile_files.array((4,), hostile_files.dtype("O8", hostile_files.FORGED),
+                                             b"A" * 32)}
+  payload = {"hand_pose": hostile_files.payloads(str(tmp_path))["os_system"]}
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES="1", JAX_PLATFORMS="cpu")
+  for name, obj, reason in (("forged.npy", forged, "object array"),
+                            ("payload.npy", payload, "refusing to load global 'os.system'")):
+    hostile_files.write_npy_pickle(tmp_path / name, hostile_files.dumps(obj, 3))
+    result = subprocess.run(
+        [sys.executable, "-m", "dd_jax.predict", f"--checkpoint={workdir}", f"--image={image}",
+         f"--base={base}", f"--hamer={tmp_path / name}", f"--out={tmp_path / 'out'}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+    assert name in result.stderr and reason in result.stderr, result.stderr[-2000:]
+  assert not os.path.exists(os.path.join(str(tmp_path), "os_system"))
+
+
 def test_api_on_a_folder_and_a_batch_equal_the_evaluator(trained, tiny_dataset, tmp_path):
   workdir, record = trained
   frames = _test_frames(tiny_dataset)

@@ -252,7 +252,11 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
     raise ValueError(f"unknown_globals={unknown_globals!r}: expected 'refuse' or 'stub'")
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path}: no such file")
-  if not zipfile.is_zipfile(path):
+  try:
+    is_zip = zipfile.is_zipfile(path)
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
+  if not is_zip:
     with open(path, "rb") as f:
       head = f.read(2)
     hint = (" (a legacy pre-1.6 torch pickle: re-save it with torch.save to get the zip format)"
@@ -366,7 +370,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
                            f"{file_size}-byte file (truncated, or not safetensors)")
     try:
       header = json.loads(f.read(header_len))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
       raise TorchFileError(f"{path}: unreadable safetensors header ({e})") from e
   if not isinstance(header, dict):
     raise TorchFileError(f"{path}: safetensors header is not a JSON object")
@@ -381,7 +385,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
       dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
       shape = tuple(int(s) for s in entry["shape"])
       begin, end = (int(o) for o in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
       problems.append(f"{name}: bad entry {entry!r} ({type(e).__name__}: {e})")
       continue
     numel = math.prod(shape)
@@ -415,7 +419,7 @@ def _index_shards(index: str) -> list[str]:
       weight_map = json.load(f)["weight_map"]
     names = set(weight_map.values())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError,
-          AttributeError) as e:
+          AttributeError, RecursionError) as e:
     raise TorchFileError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from e
   bad = sorted(repr(n) for n in names if not isinstance(n, str) or os.path.basename(n) != n
                or n in ("", ".", "..") or not n.endswith(".safetensors"))
@@ -463,9 +467,9 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict | None]:
     config_path = os.path.join(os.path.dirname(path), "config.json")
   config = None
   if os.path.isfile(config_path):
-    with open(config_path) as f:
+    with open(config_path, encoding="utf-8") as f:
       try:
         config = json.load(f)
-      except json.JSONDecodeError as e:
+      except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise TorchFileError(f"{config_path}: not JSON ({e})") from e
   return state_dict, config

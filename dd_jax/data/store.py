@@ -85,7 +85,7 @@ def _array(d: dict, key: str, where: str) -> np.ndarray | None:
     raise ValueError(f"'{key}' holds {d[key].size} values, far more than a pose or keypoints")
   try:
     value = np.asarray(d[key], np.float64)
-  except (TypeError, ValueError) as e:
+  except (TypeError, ValueError, OverflowError, RecursionError) as e:
     raise ValueError(f"'{key}' is not a numeric array ({e})") from None
   if not np.all(np.isfinite(value)):
     raise ValueError(f"'{key}' has non-finite values")
@@ -114,7 +114,7 @@ def _shaped(value: np.ndarray | None, key: str, shape: tuple[int, ...]) -> np.nd
 def _optional_keypoints_2d(value: Any) -> np.ndarray | None:
   try:
     array = np.asarray(value, np.float32)
-  except (TypeError, ValueError):
+  except (TypeError, ValueError, OverflowError, RecursionError):
     return None
   if array.size != 42 or not np.all(np.isfinite(array)):
     return None

@@ -167,7 +167,8 @@ def read_mano_arrays(path: str | os.PathLike) -> dict[str, Any]:
       raise ValueError(f"{path}: expected a dict of MANO arrays, got {type(raw).__name__}")
     arrays = {key: _to_array(value, key, path) for key, value in raw.items()
               if key in EXPECTED_SHAPES or key in OPTIONAL_KEYS}
-  except (TypeError, RecursionError, MemoryError) as e:
+  except (TypeError, AttributeError, IndexError, KeyError, OverflowError, RecursionError,
+          MemoryError) as e:
     raise ValueError(f"{path}: not a usable MANO file ({type(e).__name__}: {e})") from None
   return validate_mano_arrays(arrays, source=path)
 

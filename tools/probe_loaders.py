@@ -1,6 +1,8 @@
-"""Runs dd_jax's loaders on files in this process, one JSON line per (loader, file).
+"""Runs dd_jax's loaders on files in this process, one JSON line per (loader, file): a way to
+check a file before trusting it, and the worker of tests/test_hostile_files.py and
+tools/fuzz_loaders.py.
 
-  python tests/probe_loaders.py JOBS.json     (JOBS: [[loader, path], ...])
+  python tools/probe_loaders.py JOBS.json     (JOBS: [[loader, path], ...])
 
 Each run prints {"start": ...} first (flushed, so a crash names the file), then {"loader", "path",
 "outcome": "loaded" | "refused" | "escaped", "error", "message", "rss_growth"}: "refused" is an
@@ -13,8 +15,7 @@ import json
 import sys
 import traceback
 
-from dd_jax import inference
-from dd_jax import safe_pickle
+from dd_jax import inference, safe_pickle
 from dd_jax.convert import lightning, torch_file
 from dd_jax.data import store
 from dd_jax.mano import io as mano_io
@@ -41,6 +42,7 @@ def _status_kib(field: str) -> int:
 def main(jobs_file: str) -> int:
   with open(jobs_file, encoding="utf-8") as f:
     jobs = json.load(f)
+  print(json.dumps({"ready": len(jobs)}), flush=True)
   for loader, path in jobs:
     print(json.dumps({"start": [loader, path]}), flush=True)
     with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
