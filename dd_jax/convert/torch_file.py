@@ -254,7 +254,7 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
     raise FileNotFoundError(f"{path}: no such file")
   try:
     is_zip = zipfile.is_zipfile(path)
-  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
     raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
   if not is_zip:
     with open(path, "rb") as f:
@@ -265,7 +265,7 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
   load = safe_pickle.Load(path, os.path.getsize(path), max_bytes)
   try:
     archive = zipfile.ZipFile(path)
-  except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+  except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError) as e:
     raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
   with archive:
     pickles = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
