@@ -258,7 +258,7 @@ def test_transformers_state_dict_pth_converts_with_the_tool(tmp_path):
   torch.save(model.state_dict(), tmp_path / "hf_state_dict.pth")
   assert _tool().main([str(tmp_path / "hf_state_dict.pth"), str(tmp_path / "out"),
                        "--num-heads", "6"]) == 0
-  config, params = convert_dinov3.load_converted(tmp_path / "out")
+  config, params = dinov3_weights.load_converted(tmp_path / "out")
   images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
   patch_err, cls_err = max_errors(jax_forward(config, params, images),
                                   torch_reference(model, images))

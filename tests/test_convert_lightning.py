@@ -14,8 +14,8 @@ from flax import nnx
 
 from dd_jax import default_config, losses
 from dd_jax.convert import lightning
-from dd_jax.mano import synthetic
 from dd_jax.models import deltadorsal
+from dd_jax.synthetic import hand as synthetic
 
 import original_modules as om
 
@@ -69,8 +69,7 @@ def nhwc(t):
 
 def test_meta_state_dict_pth_converts_with_the_tool(tmp_path):
   """torch.save(<Meta-named DINOv3>.state_dict()) -> tools/convert_dinov3.py -> parity."""
-  from dd_jax.convert import dinov3 as convert_dinov3  # pylint: disable=import-outside-toplevel
-  from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
+  from dd_jax.models import dinov3, dinov3_weights  # pylint: disable=import-outside-toplevel
   vit = om.MetaViT(om.make_hf_model(seed=4))
   torch.save(vit.state_dict(), tmp_path / "meta.pth")
   tool = [sys.executable, os.path.join(ROOT, "tools", "convert_dinov3.py"),
@@ -78,9 +77,9 @@ def test_meta_state_dict_pth_converts_with_the_tool(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="1")
   result = subprocess.run(tool, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
   assert result.returncode == 0 and "meta layout" in result.stdout, result.stderr[-2000:]
-  config, params = convert_dinov3.load_converted(tmp_path / "out")
+  config, _ = dinov3_weights.load_converted(tmp_path / "out")
   model = dinov3.DinoV3(config, rngs=nnx.Rngs(0))
-  dinov3.load_weights(model, str(tmp_path / "out"))
+  dinov3_weights.load_weights(model, str(tmp_path / "out"))
   img = om.inputs(2, seed=5)[0]
   with torch.no_grad():
     want = vit(img).numpy()

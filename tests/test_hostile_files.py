@@ -113,7 +113,7 @@ def fuzz_seeds(tmp_path_factory):
   """Seed files from the real writers: np.save, torch.save(state_dict()), the MANO writer."""
   import torch  # pylint: disable=import-outside-toplevel
 
-  from dd_jax.mano import synthetic  # pylint: disable=import-outside-toplevel
+  from dd_jax.synthetic import hand as synthetic  # pylint: disable=import-outside-toplevel
   folder = tmp_path_factory.mktemp("fuzz_seeds")
   torch.manual_seed(0)
   module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
