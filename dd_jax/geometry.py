@@ -114,3 +114,19 @@ def quaternion_to_matrix(quaternion: jax.Array) -> jax.Array:
       jnp.stack([2 * (x * y + w * z), 1 - 2 * (x * x + z * z), 2 * (y * z - w * x)], -1),
       jnp.stack([2 * (x * z - w * y), 2 * (y * z + w * x), 1 - 2 * (x * x + y * y)], -1),
   ], -2)
+
+
+def rotation_6d_to_matrix(x: jax.Array) -> jax.Array:
+  """Zhou et al.'s 6D rotation -> matrix, laid out as HaMeR lays it out: (..., 6) -> (..., 3, 3).
+
+  a1 = x[..., 0:3], a2 = x[..., 3:6] (HaMeR reshapes to (2, 3) rows; SPIN's interleaved
+  (3, 2) layout is a different map); b1 = a1/|a1|, b2 = the unit part of a2 orthogonal to b1,
+  b3 = b1 x b2; the matrix has b1, b2, b3 as its COLUMNS. Norms are clamped at 1e-12 as
+  torch.nn.functional.normalize clamps them.
+  """
+  a1, a2 = x[..., 0:3], x[..., 3:6]
+  unit = lambda v: v / jnp.maximum(jnp.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+  b1 = unit(a1)
+  b2 = unit(a2 - jnp.sum(b1 * a2, axis=-1, keepdims=True) * b1)
+  b3 = jnp.cross(b1, b2)
+  return jnp.stack([b1, b2, b3], axis=-1)

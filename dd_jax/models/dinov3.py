@@ -246,23 +246,29 @@ class PatchEmbed(nnx.Module):
 
 
 class QKVProjection(nnx.Module):
-  """Fused q|k|v projection (rows head-major within each third); the k bias is masked to zero.
+  """Fused q|k|v projection (rows head-major within each third); by default the k bias is
+  masked to zero.
 
   Meta multiplies the bias by a [1, 0, 1] mask (LinearKMaskedBias); doing the same here keeps
-  the k bias out of the output and its gradient at zero when the block is trained.
+  the k bias out of the output and its gradient at zero when the block is trained. ViTs with a
+  plain qkv bias (HaMeR's ViTPose backbone) pass mask_k_bias=False.
   """
 
-  def __init__(self, dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, use_bias: bool, dtype, rngs: nnx.Rngs, mask_k_bias: bool = True):
     self.kernel = nnx.Param(_weight_init(rngs.params(), (dim, 3 * dim), jnp.float32))
     self.bias = nnx.Param(jnp.zeros((3 * dim,), jnp.float32)) if use_bias else None
     self.dim = dim
     self.dtype = dtype
+    self.mask_k_bias = mask_k_bias
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.einsum("btd,de->bte", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
-      mask = np.concatenate([np.ones(self.dim), np.zeros(self.dim), np.ones(self.dim)])
-      y = y + (self.bias[...] * mask.astype(np.float32)).astype(self.dtype)
+      bias = self.bias[...]
+      if self.mask_k_bias:
+        mask = np.concatenate([np.ones(self.dim), np.zeros(self.dim), np.ones(self.dim)])
+        bias = bias * mask.astype(np.float32)
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -295,19 +301,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection; RoPE on q and k when cos and sin
+  are given (DINOv3), none when they are None (ViTs with absolute position embeddings).
+
+  `config` needs dim, num_heads and qkv_bias (a DinoV3Config, or another ViT's config).
+  """
 
   def __init__(self, config: DinoV3Config, *, dtype, attention_implementation: str | None,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, mask_k_bias: bool = True):
     self.num_heads = config.num_heads
-    self.qkv = QKVProjection(config.dim, use_bias=config.qkv_bias, dtype=dtype, rngs=rngs)
+    self.qkv = QKVProjection(config.dim, use_bias=config.qkv_bias, dtype=dtype, rngs=rngs,
+                             mask_k_bias=mask_k_bias)
     self.proj = _linear(config.dim, config.dim, use_bias=True, dtype=dtype, rngs=rngs)
     self.attention_implementation = attention_implementation
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
     b, t, d = x.shape
     n = self.num_heads
     qkv = self.qkv(x).reshape(b, t, 3, n, d // n)
-    rope = lambda a: apply_rope(a, cos[:, None], sin[:, None])
+    if cos is None:
+      rope = lambda a: a
+    else:
+      rope = lambda a: apply_rope(a, cos[:, None], sin[:, None])
     if self.attention_implementation is not None:  # e.g. "cudnn": a fused kernel on GPUs
       out = jax.nn.dot_product_attention(rope(qkv[:, :, 0]), rope(qkv[:, :, 1]), qkv[:, :, 2],
                                          implementation=self.attention_implementation)
@@ -448,22 +463,31 @@ class SwiGLU(nnx.Module):
 
 
 class Block(nnx.Module):
-  """Pre-norm block: x += ls1 * attn(norm1 x); x += ls2 * ffn(norm2 x). x stays float32."""
+  """Pre-norm block: x += ls1 * attn(norm1 x); x += ls2 * ffn(norm2 x). x stays float32.
+
+  `config` needs dim, num_heads, qkv_bias, ffn, ffn_hidden and ln_eps. Other ViTs built from
+  the same parts: layer_scale=False drops ls1 / ls2 (x += attn(...), x += ffn(...)),
+  mask_k_bias=False keeps the whole qkv bias, and cos = sin = None skips RoPE.
+  """
 
   def __init__(self, config: DinoV3Config, *, dtype, attention_implementation: str | None,
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, layer_scale: bool = True, mask_k_bias: bool = True):
     self.norm1 = LayerNorm(config.dim, config.ln_eps, out_dtype=dtype)
     self.attn = Attention(config, dtype=dtype, attention_implementation=attention_implementation,
-                          rngs=rngs)
-    self.ls1 = LayerScale(config.dim)
+                          rngs=rngs, mask_k_bias=mask_k_bias)
+    self.ls1 = LayerScale(config.dim) if layer_scale else None
     self.norm2 = LayerNorm(config.dim, config.ln_eps, out_dtype=dtype)
     ffn = Mlp if config.ffn == "mlp" else SwiGLU
     self.mlp = ffn(config.dim, config.ffn_hidden, dtype=dtype, rngs=rngs)
-    self.ls2 = LayerScale(config.dim)
+    self.ls2 = LayerScale(config.dim) if layer_scale else None
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    x = x + self.ls1(self.attn(self.norm1(x), cos, sin))
-    return x + self.ls2(self.mlp(self.norm2(x)))
+  def __call__(self, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
+    x = x + self._scaled(self.ls1, self.attn(self.norm1(x), cos, sin))
+    return x + self._scaled(self.ls2, self.mlp(self.norm2(x)))
+
+  @staticmethod
+  def _scaled(layer_scale: LayerScale | None, y: jax.Array) -> jax.Array:
+    return y.astype(jnp.float32) if layer_scale is None else layer_scale(y)
 
 
 # ---------------------------------------------------------------------------------------------
