@@ -1,0 +1,93 @@
+"""The prior file: one HaMeR hand as the pickled `.npy` dict the EgoDorsal readers take
+(dd_jax.data.store.parse_prior), written atomically. Keys (docs/hamer.md):
+
+  hand_pose (1, 15, 3, 3), global_orient (1, 1, 3, 3)  rotation matrices; for a left hand,
+      right-hand MANO parameters of the mirrored crop (as HaMeR outputs them)
+  betas (1, 10)
+  keypoints_3d (1, 21, 3)  MANO joints + smplx tips, OpenPose order, metres, model frame (no
+      translation); x negated for a left hand (the hand as seen)
+  cam_t (1, 3)             readers' convention: focal K[0,0]/256*max(w,h), centred principal point
+  keypoints_2d (1, 21, 2)  full-image pixels: keypoints_3d + cam_t through that camera
+  hamer_keypoints_2d (1, 21, 2)  HaMeR's own 2D keypoints (its crop camera), full-image pixels
+  cam_t_fit_rms_px ()      how far keypoints_2d lie from hamer_keypoints_2d (RMS, pixels)
+  focal_length ()          the readers' focal used for cam_t
+  cam_t_full (1, 3), focal_length_full ()  HaMeR's demo convention (cam_crop_to_full, focal
+      5000/256*max(w,h)) for x-negated left hands
+  pred_cam (1, 3)          the network's crop camera (s, tx, ty)
+  box_center (1, 2), box_size (), is_right (), box_source (str), image_size (2,) as (w, h)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from dd_jax import safe_pickle
+from dd_jax.priors import camera
+from dd_jax.priors.preprocess import CropBox
+
+BOX_SOURCES = ("boxes_json", "tracked", "whole_image")
+
+
+def prior_dict(outputs: dict[str, np.ndarray], box: CropBox, box_source: str, width: int,
+               height: int, fx: float) -> dict[str, Any]:
+  """One hand's network outputs (global_orient (1,3,3), hand_pose (15,3,3), betas (10,),
+  pred_cam (3,), keypoints_3d (21,3), keypoints_2d_crop (21,2)) -> the prior dict."""
+  if box_source not in BOX_SOURCES:
+    raise ValueError(f"box_source {box_source!r} is not one of {BOX_SOURCES}")
+  f32 = lambda x, shape: np.asarray(x, np.float32).reshape(shape)
+  points = camera.mirror_x(outputs["keypoints_3d"], box.is_right)
+  seen_2d = camera.crop_keypoints_to_full(outputs["keypoints_2d_crop"], box.center, box.size,
+                                          box.is_right)
+  focal = camera.readers_focal(fx, width, height)
+  start = camera.cam_crop_to_full(outputs["pred_cam"], box.center, box.size, width, height,
+                                  focal, box.is_right)
+  cam_t = camera.fit_translation(points, seen_2d, focal, width, height, start)
+  # What the readers will compute, from what they will read (float32).
+  points32, cam_t32 = f32(points, (21, 3)), f32(cam_t, (3,))
+  keypoints_2d = camera.project(points32, cam_t32, focal, width, height)
+  focal_full = camera.hamer_full_focal(width, height)
+  return {
+      "hand_pose": f32(outputs["hand_pose"], (1, 15, 3, 3)),
+      "global_orient": f32(outputs["global_orient"], (1, 1, 3, 3)),
+      "betas": f32(outputs["betas"], (1, 10)),
+      "keypoints_3d": points32[None],
+      "cam_t": cam_t32[None],
+      "keypoints_2d": f32(keypoints_2d, (1, 21, 2)),
+      "hamer_keypoints_2d": f32(seen_2d, (1, 21, 2)),
+      "cam_t_fit_rms_px": np.float32(np.sqrt(np.mean(np.sum((keypoints_2d - seen_2d) ** 2, -1)))),
+      "focal_length": np.float32(focal),
+      "cam_t_full": f32(camera.cam_crop_to_full(outputs["pred_cam"], box.center, box.size, width,
+                                                height, focal_full, box.is_right), (1, 3)),
+      "focal_length_full": np.float32(focal_full),
+      "pred_cam": f32(outputs["pred_cam"], (1, 3)),
+      "box_center": f32(box.center, (1, 2)),
+      "box_size": np.float32(box.size),
+      "is_right": np.float32(box.is_right),
+      "box_source": box_source,
+      "image_size": np.array([width, height], np.int32),
+  }
+
+
+def write_prior(path: str, prior: dict[str, Any]) -> None:
+  """np.save of the dict (allow_pickle, as the EgoDorsal files are) to `path`, atomically: a
+  sibling temporary file, flushed to disk, renamed over `path`. A reader or a killed run never
+  sees a partial file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    np.save(f, prior, allow_pickle=True)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_prior(path: str) -> dict[str, Any]:
+  """A prior file as a dict (allowlisted unpickling: arrays, dicts, lists, scalars only)."""
+  value = safe_pickle.load_npy(path)
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: a {type(value).__name__}, not a prior dict")
+  return value
