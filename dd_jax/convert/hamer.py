@@ -24,6 +24,7 @@ buffers: dd_jax computes keypoints with its own MANO from the user's MANO_RIGHT.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -107,6 +108,7 @@ def _key_table(config: HamerConfig) -> dict[str, tuple[tuple, Any]]:
   return table
 
 
+@functools.lru_cache(maxsize=4)
 def expected_shapes(config: HamerConfig) -> dict[tuple, tuple[int, ...]]:
   """params path -> shape of every variable of Hamer(config), without allocating it."""
   abstract = nnx.eval_shape(lambda: hamer_model.Hamer(config, rngs=nnx.Rngs(0)))

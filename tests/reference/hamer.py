@@ -420,3 +420,29 @@ def demo_outputs(model: HAMER, img_bgr: np.ndarray, boxes, rights, rescale_facto
   full = cam_crop_to_full(pred_cam, batch["box_center"].float(), batch["box_size"].float(),
                           img_size, focal)
   return batch, out, full, focal
+
+
+# ------------------------------------------------------------------ tiny sizes for tests
+
+TINY_BACKBONE = dict(dim=64, depth=2, num_heads=2)  # ViT(...) arguments; MLP ratio 4
+TINY_HEAD = dict(dim=64, depth=2, heads=2, dim_head=16, mlp_dim=64)
+# The same network as dd_jax's `get_config("custom", **TINY_CUSTOM)`.
+TINY_CUSTOM = {"backbone": dict(TINY_BACKBONE, ffn_hidden=4 * TINY_BACKBONE["dim"]),
+               "head": dict(TINY_HEAD)}
+
+
+def tiny_model(mano_folder: str, seed: int = 0) -> HAMER:
+  """A tiny HaMeR (2 ViT blocks and 2 decoder layers of width 64) with random weights."""
+  torch.manual_seed(seed)
+  model = HAMER(mano_folder, mean_params(seed), backbone=TINY_BACKBONE, head=TINY_HEAD).eval()
+  randomise(model, seed + 1)
+  return model
+
+
+def omegaconf_hyper_parameters():
+  """What HaMeR's save_hyperparameters pickles: {'cfg': an omegaconf DictConfig}."""
+  import omegaconf  # pylint: disable=import-outside-toplevel
+  return {"cfg": omegaconf.OmegaConf.create({
+      "MODEL": {"IMAGE_SIZE": 256, "IMAGE_MEAN": [0.485, 0.456, 0.406],
+                "IMAGE_STD": [0.229, 0.224, 0.225], "BBOX_SHAPE": None},
+      "EXTRA": {"FOCAL_LENGTH": 5000}, "MANO": {"NUM_HAND_JOINTS": 15}})}
