@@ -22,6 +22,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import signal
 import time
 from typing import Any, Callable
 
@@ -37,6 +38,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_FX = 5000.0  # images without intrinsics: the readers' focal is then HaMeR's own
 ERROR_BYTES = 400
 REPORT_FILE = "make_priors_report.json"
+# Fault injection for the resume test: the process SIGKILLs itself after writing this many files.
+_SIGKILL_AFTER = int(os.environ.get("DD_JAX_SIGKILL_AFTER_PRIORS", "0"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,7 +306,8 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
   undistort = align.Undistorter()
   tracked: dict[int, dict] = {}  # image -> its prior, kept while a later image tracks from it
   needed = set(plan.previous.values())
-  done, last_log, run_start = 0, time.perf_counter(), time.perf_counter()
+  done, written_here = 0, 0
+  last_log = run_start = time.perf_counter()
 
   def track_source(i: int) -> dict | None:
     prev = plan.previous.get(i)
@@ -353,6 +357,9 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
             tracked[i] = prior
           if r in mine:
             writer.write_prior(item.out_path, prior)
+            written_here += 1
+            if written_here == _SIGKILL_AFTER:
+              os.kill(os.getpid(), signal.SIGKILL)
         done += len(batch)
         now = time.perf_counter()
         if first and (now - last_log >= options.progress_every_s or done == len(plan.todo)):

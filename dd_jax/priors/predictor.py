@@ -81,7 +81,8 @@ class HamerPredictor:
 
     batch = parallel.batch_sharding(mesh)
     self._mano = mano
-    self._forward = jax.jit(forward, out_shardings=batch)
+    self._jitted = jax.jit(forward, out_shardings=batch)
+    self._forward = self._jitted
 
   @classmethod
   def from_weights(cls, path: str, mano: mano_model.ManoModel, mesh: jax.sharding.Mesh, *,
@@ -98,7 +99,7 @@ class HamerPredictor:
     s = self.config.image_size
     crops = jax.ShapeDtypeStruct((global_batch, s, s, 3), jnp.float32,
                                  sharding=parallel.batch_sharding(self.mesh))
-    self._forward = self._forward.lower(self._state, self._mano, crops).compile()
+    self._forward = self._jitted.lower(self._state, self._mano, crops).compile()
 
   def __call__(self, crops: jax.Array) -> dict[str, jax.Array]:
     return self._forward(self._state, self._mano, crops)
