@@ -68,3 +68,23 @@ def test_analytic_flops_match_a_hand_count():
   train = torch_reference.pose_step_flops(config, 224, 3)
   np.testing.assert_allclose(infer / 1e9, 20.3, atol=0.1)  # "about 19 GFLOP per sample"
   np.testing.assert_allclose(train / 1e9, 32.6, atol=0.1)  # "about 30 GFLOP per sample"
+
+
+def test_hamer_row_runs_and_agrees():
+  s = dataclasses.replace(tiny_settings(), hamer_batches=(2,))
+  got = benchmark.run(s, ("hamer",), log=lambda message: None)["rows"]["hamer"]
+  row = got["2"]
+  assert row["max_abs_hand_pose_diff"] < 1e-4  # same weights, same outputs
+  assert row["jax"]["images_per_s"] > 0 and row["torch"]["images_per_s"] > 0 and row["ratio"] > 0
+  assert "HaMeR forward (tiny" in benchmark.table({"rows": {"hamer": got}})
+
+
+def test_hamer_flops_match_a_hand_count():
+  """ViT-H/16 on 256x192 (192 patch tokens): 24 T D^2 + 4 T^2 D per block, 32 blocks, plus the
+  patch embedding and the decoder (~3.1 GFLOP, mostly cross-attention k, v over 192 tokens)."""
+  config = benchmark.hamer_config("vith")
+  t, d = 192, 1280
+  blocks = 32 * (24 * t * d * d + 4 * t * t * d)
+  total = benchmark.hamer_flops_per_image(config)
+  assert blocks / 1e9 == pytest.approx(247.63, abs=0.01)
+  assert 3.0e9 < total - blocks - 2 * t * 768 * d < 3.2e9

@@ -8,6 +8,7 @@ taken alternately (torch, jax, jax, torch, ...) so that load from elsewhere hits
   python tools/benchmark.py                     # full run, ViT-S/16 224x224 batch 8 (~4 min)
   python tools/benchmark.py --quick             # tiny model smoke check (~1 min)
   python tools/benchmark.py --rows train,mano --json bench_results.json
+  python tools/benchmark.py --rows hamer --hamer_size small   # HaMeR forward, batch 1 and 32
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ for _path in (ROOT, os.path.join(ROOT, "tests")):  # dd_jax and tests/reference
 
 import numpy as np  # noqa: E402
 
-ROWS = ("train", "infer", "mano", "pipeline", "memory", "compile")
+ROWS = ("train", "infer", "mano", "pipeline", "memory", "compile", "hamer")
 
 
 @dataclasses.dataclass
@@ -58,6 +59,8 @@ class Settings:
   dtype: str = "float32"  # dd_jax backbone compute dtype (not float32: --jax_only)
   jax_only: bool = False  # accelerators: time dd_jax alone (no CUDA torch here)
   backbone_fields: dict = dataclasses.field(default_factory=dict)  # set for torch-only children
+  hamer_size: str = "small"  # HAMER_SIZES key: the HaMeR row's network
+  hamer_batches: tuple = (1, 32)
 
   @classmethod
   def quick(cls) -> "Settings":
@@ -65,7 +68,8 @@ class Settings:
                                              ffn_hidden=128, qkv_bias=True),
                image_size=32, batch=2, n_unfrozen=1, warmup=1, repeats=2, mano_batches=(1, 64),
                mano_seconds=0.05, pipeline_samples=2, crop_size=96, out_size=64,
-               compile_depths=(1, 2), compile_unfrozen=(0,), memory_steps=1, matmul_sizes=(256,))
+               compile_depths=(1, 2), compile_unfrozen=(0,), memory_steps=1, matmul_sizes=(256,),
+               hamer_size="tiny", hamer_batches=(1, 2))
 
 
 # ------------------------------------------------------------------ timing
@@ -499,6 +503,116 @@ def bench_compile(s: Settings) -> dict[str, Any]:
   return {"by_depth": by_depth, "by_unfrozen": by_unfrozen, "seconds_per_frozen_block": slopes}
 
 
+# ------------------------------------------------------------------ HaMeR
+
+
+# The HaMeR row's networks: the released ViT-H/16 + 6-layer decoder, a ViT-S-sized one that
+# fits a CPU run, and the tests' tiny one. (dd_jax custom-config fields; the torch reference
+# takes the same sizes.)
+HAMER_SIZES = {
+    "vith": {},
+    "small": {"backbone": dict(dim=384, depth=12, num_heads=6, ffn_hidden=1536),
+              "head": dict(dim=512, depth=6, heads=8, dim_head=64, mlp_dim=512)},
+    "tiny": {"backbone": dict(dim=64, depth=2, num_heads=2, ffn_hidden=256),
+             "head": dict(dim=64, depth=2, heads=2, dim_head=16, mlp_dim=64)},
+}
+
+
+def hamer_config(size: str):
+  from dd_jax.models import hamer  # pylint: disable=import-outside-toplevel
+  if size not in HAMER_SIZES:
+    raise ValueError(f"unknown HaMeR size {size!r}; known: {sorted(HAMER_SIZES)}")
+  return hamer.get_config("custom", **HAMER_SIZES[size]) if HAMER_SIZES[size] else \
+      hamer.get_config()
+
+
+def hamer_flops_per_image(config) -> float:
+  """Matmul FLOPs of one hand (2 per multiply-add): patch embedding, each ViT block
+  (24 T D^2 + 4 T^2 D over T patch tokens), the decoder (self-attention and feed-forward on one
+  token, cross-attention k, v over the T context tokens) and the read-outs. MANO is < 0.1%."""
+  b, h = config.backbone, config.head
+  t = b.grid[0] * b.grid[1]
+  d, inner = b.dim, h.heads * h.dim_head
+  backbone = 2 * t * 3 * b.patch_size ** 2 * d + b.depth * (
+      2 * t * (3 * d * d + d * d + 2 * d * b.ffn_hidden) + 4 * t * t * d)
+  per_layer = (2 * (3 * h.dim * inner + inner * h.dim)  # self-attention (1 token)
+               + 2 * t * d * 2 * inner + 2 * h.dim * inner + 4 * t * inner  # cross-attention
+               + 2 * inner * h.dim + 2 * 2 * h.dim * h.mlp_dim)  # its output, feed-forward
+  readout = 2 * h.dim * (96 + 10 + 3)
+  return float(backbone + h.depth * per_layer + readout)
+
+
+def bench_hamer(s: Settings, mano_dir: str) -> dict[str, Any]:
+  """HaMeR forward (network + MANO keypoints + crop camera), images/s per batch size, dd_jax's
+  compiled predictor against the PyTorch reference with the same random weights."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from dd_jax import parallel  # pylint: disable=import-outside-toplevel
+  from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
+  from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
+  from dd_jax.priors import predictor as predictor_lib  # pylint: disable=import-outside-toplevel
+  config = hamer_config(s.hamer_size)
+  mesh = one_device_mesh()
+  torch_model = None
+  if s.jax_only:
+    model = predictor_lib.build_model(config, _random_hamer_params(config), mesh,
+                                      dtype=jax.numpy.dtype(s.dtype))
+  else:
+    import torch  # pylint: disable=import-outside-toplevel
+    from tests.reference import hamer as ref  # pylint: disable=import-outside-toplevel
+    b, hd = config.backbone, config.head
+    torch_model = ref.HAMER(mano_dir, ref.mean_params(), backbone=dict(
+        dim=b.dim, depth=b.depth, num_heads=b.num_heads), head=dict(
+            dim=hd.dim, depth=hd.depth, heads=hd.heads, dim_head=hd.dim_head,
+            mlp_dim=hd.mlp_dim)).eval()
+    ref.randomise(torch_model, 0)
+    state = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
+    model = predictor_lib.build_model(config, convert_hamer.state_dict_to_params(state, config),
+                                      mesh)
+    del state
+  mano = mano_io.load_mano(os.path.join(mano_dir, "MANO_RIGHT.pkl"))
+  predictor = predictor_lib.HamerPredictor(model, mano, mesh)
+  flops = hamer_flops_per_image(config)
+  rows: dict[str, Any] = {"size": s.hamer_size, "config": dataclasses.asdict(config),
+                          "flops_per_image": flops}
+  for batch in s.hamer_batches:
+    crops = np.random.default_rng(batch).standard_normal((batch, 256, 256, 3), np.float32)
+    device_crops = parallel.global_batch(mesh, {"crops": crops})["crops"]
+    start = time.perf_counter()
+    predictor.compile(batch)
+    compile_s = time.perf_counter() - start
+    fns = {"jax": lambda: jax.block_until_ready(predictor(device_crops))}
+    row: dict[str, Any] = {"compile_s": compile_s}
+    if torch_model is not None:
+      nchw = torch.from_numpy(crops.transpose(0, 3, 1, 2).copy())
+      got = predictor.predict(crops)
+      want = torch_model(nchw)
+      row["max_abs_hand_pose_diff"] = float(np.abs(
+          got["hand_pose"] - want["pred_mano_params"]["hand_pose"].numpy()).max())
+      fns["torch"] = lambda: torch_model(nchw)
+    repeats = s.repeats if batch * flops < 2e12 else 2
+    for fw, ts in compare(fns, 1, repeats).items():
+      sec = median(ts)
+      row[fw] = {"seconds": ts, "images_per_s": batch / sec, "flops_per_s": batch * flops / sec}
+    if "torch" in row:
+      row["ratio"] = row["jax"]["images_per_s"] / row["torch"]["images_per_s"]
+    rows[str(batch)] = row
+  return rows
+
+
+def _random_hamer_params(config) -> dict:
+  """Random weights for a jax-only run (no torch): fan-in scaled, every path exercised."""
+  from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  params: dict = {}
+  for path, shape in convert_hamer.expected_shapes(config).items():
+    scale = 1.0 / np.sqrt(shape[0]) if len(shape) == 2 else 0.1
+    node = params
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = (scale * rng.standard_normal(shape)).astype(np.float32)
+  return params
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -564,6 +678,19 @@ def table(results: dict[str, Any]) -> str:
     for r in rows["compile"]["by_depth"] + rows["compile"]["by_unfrozen"]:
       lines.append(f"| compile, depth {r['depth']}, {r['n_unfrozen']} unfrozen | "
                    f"{r['trace_lower_s'] + r['compile_s']:.1f} s | | | linear in frozen blocks |")
+  if "hamer" in rows:
+    r = rows["hamer"]
+    gflop = r["flops_per_image"] / 1e9
+    for batch, row in r.items():
+      if not isinstance(row, dict) or "jax" not in row:
+        continue
+      torch_cell = (f"{fmt_rate(row['torch']['images_per_s'], 'images/s')}" if "torch" in row
+                    else "-")
+      ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
+      lines.append(f"| HaMeR forward ({r['size']}, {gflop:.3g} GFLOP/image), batch {batch} | "
+                   f"{fmt_rate(row['jax']['images_per_s'], 'images/s')} "
+                   f"({row['jax']['flops_per_s'] / 1e9:.0f} GFLOP/s) | {torch_cell} | {ratio} | "
+                   ">= 1.5x |")
   if "matmul_peak" in results:
     m = results["matmul_peak"]
     lines.append(f"\nmatmul peak ({results['settings']['dtype']} XLA / float32 torch): "
@@ -588,6 +715,9 @@ def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) 
   if not s.jax_only:
     from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
     tr.make_mano(mano_dir)  # writes the synthetic MANO_RIGHT.pkl the children read
+  else:
+    from dd_jax.mano import synthetic  # pylint: disable=import-outside-toplevel
+    synthetic.write_synthetic_mano(os.path.join(mano_dir, "MANO_RIGHT.pkl"), layout="cleaned")
   if {"train", "infer"} & set(rows):
     log("matmul peak ...")
     results["matmul_peak"] = matmul_peak(s.matmul_sizes, dtype=s.dtype, jax_only=s.jax_only)
@@ -610,6 +740,9 @@ def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) 
   if "compile" in rows:
     log("compile times ...")
     results["rows"]["compile"] = bench_compile(s)
+  if "hamer" in rows:
+    log(f"HaMeR forward ({s.hamer_size}) ...")
+    results["rows"]["hamer"] = bench_hamer(s, mano_dir)
   results["machine"]["loadavg_end"] = os.getloadavg()
   return results
 
@@ -628,8 +761,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--n_unfrozen", type=int)
   parser.add_argument("--dtype", help="dd_jax compute dtype (bfloat16 implies --jax_only)")
   parser.add_argument("--jax_only", action="store_true",
-                      help="time dd_jax alone (accelerators; rows train, infer, compile)")
+                      help="time dd_jax alone (accelerators; rows train, infer, compile, hamer)")
   parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS (e.g. cuda, tpu)")
+  parser.add_argument("--hamer_size", choices=sorted(HAMER_SIZES),
+                      help="the hamer row's network: vith (released), small, tiny")
+  parser.add_argument("--hamer_batches", help="comma list of batch sizes for the hamer row")
   parser.add_argument("--_child", help=argparse.SUPPRESS)
   parser.add_argument("--_settings", help=argparse.SUPPRESS)
   parser.add_argument("--_mano_dir", help=argparse.SUPPRESS)
@@ -652,6 +788,10 @@ def main(argv: list[str] | None = None) -> None:
       setattr(s, name, getattr(args, name))
   if args.variant:
     s.custom = {}
+  if args.hamer_size:
+    s.hamer_size = args.hamer_size
+  if args.hamer_batches:
+    s.hamer_batches = tuple(int(b) for b in args.hamer_batches.split(","))
   s.jax_only = args.jax_only or s.dtype != "float32" or args.platform != "cpu"
   if args.platform != "cpu":
     s.matmul_sizes = (4096, 8192)  # large enough to reach an accelerator's peak
