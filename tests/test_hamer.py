@@ -18,6 +18,7 @@ from dd_jax.convert import hamer as convert_hamer
 from dd_jax.mano import io as mano_io
 from dd_jax.models import hamer
 from dd_jax.priors import predictor as predictor_lib
+
 from reference import hamer as ref
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

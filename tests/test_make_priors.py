@@ -17,13 +17,15 @@ import jax
 import numpy as np
 import pytest
 
-import tiny
 from dd_jax import parallel
 from dd_jax.convert import hamer as convert_hamer
 from dd_jax.data import egodorsal, store, validation
 from dd_jax.mano import synthetic as mano_synthetic
 from dd_jax.models import hamer
-from dd_jax.priors import job, predictor as predictor_lib, writer
+from dd_jax.priors import job, writer
+from dd_jax.priors import predictor as predictor_lib
+
+import tiny
 from reference import hamer as ref
 
 pytest.importorskip("omegaconf")

@@ -8,14 +8,15 @@ import cv2
 import jax
 import numpy as np
 import pytest
-import torch
 
 from dd_jax import parallel
 from dd_jax.convert import hamer as convert_hamer
 from dd_jax.data import align, store
 from dd_jax.mano import io as mano_io
 from dd_jax.models import hamer
-from dd_jax.priors import camera, preprocess, predictor as predictor_lib, writer
+from dd_jax.priors import predictor as predictor_lib
+from dd_jax.priors import preprocess, writer
+
 from reference import hamer as ref
 
 HEIGHT, WIDTH = 480, 640

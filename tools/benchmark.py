@@ -546,6 +546,7 @@ def bench_hamer(s: Settings, mano_dir: str) -> dict[str, Any]:
   """HaMeR forward (network + MANO keypoints + crop camera), images/s per batch size, dd_jax's
   compiled predictor against the PyTorch reference with the same random weights."""
   import jax  # pylint: disable=import-outside-toplevel
+
   from dd_jax import parallel  # pylint: disable=import-outside-toplevel
   from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
@@ -558,6 +559,7 @@ def bench_hamer(s: Settings, mano_dir: str) -> dict[str, Any]:
                                       dtype=jax.numpy.dtype(s.dtype))
   else:
     import torch  # pylint: disable=import-outside-toplevel
+
     from tests.reference import hamer as ref  # pylint: disable=import-outside-toplevel
     b, hd = config.backbone, config.head
     torch_model = ref.HAMER(mano_dir, ref.mean_params(), backbone=dict(

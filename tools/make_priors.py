@@ -69,6 +69,7 @@ def main(argv=None) -> int:
   launch.join_processes(args.coordinator_address, args.num_processes, args.process_id,
                         args.distributed, args.heartbeat_timeout_s)
   import jax  # pylint: disable=import-outside-toplevel
+
   from dd_jax import parallel  # pylint: disable=import-outside-toplevel
   from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel

@@ -16,7 +16,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from dd_jax import geometry
@@ -326,10 +325,6 @@ def crop_camera(outputs: dict[str, jax.Array], keypoints: jax.Array, config: Ham
   cam_t = jnp.stack([cam[:, 1], cam[:, 2], 2 * f / (config.image_size * cam[:, 0] + 1e-9)], -1)
   p = keypoints + cam_t[:, None]
   return cam_t, (f / config.image_size) * p[..., :2] / p[..., 2:]
-
-
-def count_params(model: nnx.Module) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
 
 
 def load_weights(model: Hamer, path: str) -> None:

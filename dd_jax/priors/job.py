@@ -24,7 +24,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import numpy as np
