@@ -48,7 +48,8 @@ def assign_params(module: nnx.Module, params: dict, *, source: str = "params",
 
   Every nnx.Param must be given with its exact shape, except paths starting with one of
   `allow_missing` (dotted prefixes); other variables (RoPE periods) are optional. Arrays take
-  the existing variables' dtype and sharding, so this works on a sharded model. All problems
+  the existing variables' dtype and sharding, so this works on a sharded model (and on an
+  abstract one from nnx.eval_shape, whose arrays then land on the default device). All problems
   are reported at once, naming `source`.
   """
   state = nnx.state(module)
@@ -73,7 +74,7 @@ def assign_params(module: nnx.Module, params: dict, *, source: str = "params",
   pure: dict = {}
   for key, value in given.items():
     path, var = current[key]
-    old = var[...]
+    old = var.get_value()  # var[...] fails on an abstract (eval_shape) variable
     new = jnp.asarray(value, dtype=var.dtype)
     if isinstance(old, jax.Array):
       new = jax.device_put(new, old.sharding)

@@ -42,17 +42,16 @@ def build_model(config: hamer_model.HamerConfig, params: dict, mesh: jax.shardin
                 dtype: Any = jnp.float32, fsdp: bool = False,
                 attention_implementation: str | None = None, source: str = "params"
                 ) -> hamer_model.Hamer:
-  """Hamer(config) with `params`, every array created in its sharding on `mesh` (zeros first,
-  not random: nothing is drawn only to be overwritten)."""
+  """Hamer(config) holding `params`, each array placed in its sharding on `mesh`. Built from
+  the abstract model: no random initialisation is drawn only to be overwritten, and no
+  full-size array exists besides `params` and the placed copy."""
   build = lambda: hamer_model.Hamer(config, dtype=dtype,
                                     attention_implementation=attention_implementation,
                                     rngs=nnx.Rngs(0))
-  graphdef, abstract = nnx.split(nnx.eval_shape(build))
-  shardings = parallel.tree_shardings(mesh, abstract, fsdp)
-  zeros = jax.jit(lambda: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract),
-                  out_shardings=shardings)()
-  model = nnx.merge(graphdef, zeros)
-  params_lib.assign_params(model, params, source=source)
+  model = nnx.eval_shape(build)
+  params_lib.assign_params(model, params, source=source)  # checks names and shapes, all at once
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, parallel.tree_shardings(mesh, state, fsdp)))
   return model
 
 
