@@ -90,8 +90,9 @@ def _priors(tiny, bgr, names, fx):
   rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
   crop_boxes = [preprocess.crop_box(b, bool(r)) for b, r in zip(boxes, rights)]
   got = predictor.predict(np.stack([preprocess.hamer_input(rgb, b) for b in crop_boxes]))
-  priors = [writer.prior_dict({k: got[k][i] for k in predictor_lib.OUTPUT_KEYS}, b, "boxes_json",
-                              WIDTH, HEIGHT, fx) for i, b in enumerate(crop_boxes)]
+  n = len(crop_boxes)
+  priors = writer.prior_dicts(got, crop_boxes, ["boxes_json"] * n, [WIDTH] * n, [HEIGHT] * n,
+                              [fx] * n)
   return batch, out, full, focal, priors
 
 

@@ -337,8 +337,8 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
             np.zeros((image_size, image_size, 3), np.float32), False) for f in futures]
         pending = submit(batches[b + 1]) if b + 1 < len(batches) else None
         outputs, meta = _run_batch(predictor, mesh, rows)
+        used = []  # rows this process writes or a later wave tracks from
         for r, i in enumerate(batch):
-          item = items[i]
           tracked.pop(plan.previous.get(i), None)  # each image is tracked from at most once
           if not meta["valid"][r]:
             message = _decode(meta["error"][r])
@@ -346,17 +346,23 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
             if first:
               log(f"skipped: {message}")
             continue
-          box = preprocess.CropBox(meta["center"][r], np.float32(meta["size"][r]),
-                                   bool(meta["is_right"][r]))
-          source = _SOURCES[int(meta["source"][r])]
-          prior = writer.prior_dict({k: outputs[k][r] for k in OUTPUT_KEYS}, box, source,
-                                    int(meta["width"][r]), int(meta["height"][r]), item.fx)
-          report.by_source[source] += 1
+          report.by_source[_SOURCES[int(meta["source"][r])]] += 1
           report.written += 1
+          if r in mine or i in needed:
+            used.append((r, i))
+        if used:
+          rs = [r for r, _ in used]
+          priors = writer.prior_dicts(
+              {k: outputs[k][rs] for k in OUTPUT_KEYS},
+              [preprocess.CropBox(meta["center"][r], np.float32(meta["size"][r]),
+                                  bool(meta["is_right"][r])) for r in rs],
+              [_SOURCES[int(meta["source"][r])] for r in rs], meta["width"][rs],
+              meta["height"][rs], np.array([items[i].fx for _, i in used]))
+        for (r, i), prior in zip(used, priors if used else []):
           if i in needed:
             tracked[i] = prior
           if r in mine:
-            writer.write_prior(item.out_path, prior)
+            writer.write_prior(items[i].out_path, prior)
             written_here += 1
             if written_here == _SIGKILL_AFTER:
               os.kill(os.getpid(), signal.SIGKILL)

@@ -31,44 +31,52 @@ from dd_jax.priors.preprocess import CropBox
 BOX_SOURCES = ("boxes_json", "tracked", "whole_image")
 
 
-def prior_dict(outputs: dict[str, np.ndarray], box: CropBox, box_source: str, width: int,
-               height: int, fx: float) -> dict[str, Any]:
-  """One hand's network outputs (global_orient (1,3,3), hand_pose (15,3,3), betas (10,),
-  pred_cam (3,), keypoints_3d (21,3), keypoints_2d_crop (21,2)) -> the prior dict."""
-  if box_source not in BOX_SOURCES:
-    raise ValueError(f"box_source {box_source!r} is not one of {BOX_SOURCES}")
-  f32 = lambda x, shape: np.asarray(x, np.float32).reshape(shape)
-  points = camera.mirror_x(outputs["keypoints_3d"], box.is_right)
-  seen_2d = camera.crop_keypoints_to_full(outputs["keypoints_2d_crop"], box.center, box.size,
-                                          box.is_right)
-  focal = camera.readers_focal(fx, width, height)
-  start = camera.cam_crop_to_full(outputs["pred_cam"], box.center, box.size, width, height,
-                                  focal, box.is_right)
-  cam_t = camera.fit_translation(points, seen_2d, focal, width, height, start)
+def prior_dicts(outputs: dict[str, np.ndarray], boxes: list[CropBox], sources: list[str],
+                widths: np.ndarray, heights: np.ndarray, fxs: np.ndarray) -> list[dict[str, Any]]:
+  """A batch of hands' network outputs (global_orient (B,1,3,3), hand_pose (B,15,3,3), betas
+  (B,10), pred_cam (B,3), keypoints_3d (B,21,3), keypoints_2d_crop (B,21,2)), their crop boxes,
+  box sources, image sizes and K[0,0] -> one prior dict per hand (cameras fitted per hand)."""
+  bad = sorted(set(sources) - set(BOX_SOURCES))
+  if bad:
+    raise ValueError(f"box sources {bad} are not among {BOX_SOURCES}")
+  n = len(boxes)
+  centers = np.stack([b.center for b in boxes]).astype(np.float64)
+  sizes = np.array([b.size for b in boxes], np.float64)
+  rights = np.array([b.is_right for b in boxes])
+  widths, heights = np.asarray(widths, np.int64), np.asarray(heights, np.int64)
+  points = camera.mirror_x(outputs["keypoints_3d"], rights)
+  seen_2d = camera.crop_keypoints_to_full(outputs["keypoints_2d_crop"], centers, sizes, rights)
+  focal = camera.readers_focal(fxs, widths, heights)
+  start = camera.cam_crop_to_full(outputs["pred_cam"], centers, sizes, widths, heights, focal,
+                                  rights)
+  cam_t = camera.fit_translation(points, seen_2d, focal, widths, heights, start)
   # What the readers will compute, from what they will read (float32).
-  points32, cam_t32 = f32(points, (21, 3)), f32(cam_t, (3,))
-  keypoints_2d = camera.project(points32, cam_t32, focal, width, height)
-  focal_full = camera.hamer_full_focal(width, height)
-  return {
-      "hand_pose": f32(outputs["hand_pose"], (1, 15, 3, 3)),
-      "global_orient": f32(outputs["global_orient"], (1, 1, 3, 3)),
-      "betas": f32(outputs["betas"], (1, 10)),
-      "keypoints_3d": points32[None],
-      "cam_t": cam_t32[None],
-      "keypoints_2d": f32(keypoints_2d, (1, 21, 2)),
-      "hamer_keypoints_2d": f32(seen_2d, (1, 21, 2)),
-      "cam_t_fit_rms_px": np.float32(np.sqrt(np.mean(np.sum((keypoints_2d - seen_2d) ** 2, -1)))),
-      "focal_length": np.float32(focal),
-      "cam_t_full": f32(camera.cam_crop_to_full(outputs["pred_cam"], box.center, box.size, width,
-                                                height, focal_full, box.is_right), (1, 3)),
-      "focal_length_full": np.float32(focal_full),
-      "pred_cam": f32(outputs["pred_cam"], (1, 3)),
-      "box_center": f32(box.center, (1, 2)),
-      "box_size": np.float32(box.size),
-      "is_right": np.float32(box.is_right),
-      "box_source": box_source,
-      "image_size": np.array([width, height], np.int32),
-  }
+  points32, cam_t32 = points.astype(np.float32), cam_t.astype(np.float32)
+  keypoints_2d = camera.project(points32, cam_t32, focal, widths, heights)
+  rms = np.sqrt(np.mean(np.sum((keypoints_2d - seen_2d) ** 2, -1), -1))
+  focal_full = camera.hamer_full_focal(widths, heights)
+  cam_t_full = camera.cam_crop_to_full(outputs["pred_cam"], centers, sizes, widths, heights,
+                                       focal_full, rights)
+  f32 = lambda x, shape: np.asarray(x, np.float32).reshape(shape)
+  return [{
+      "hand_pose": f32(outputs["hand_pose"][i], (1, 15, 3, 3)),
+      "global_orient": f32(outputs["global_orient"][i], (1, 1, 3, 3)),
+      "betas": f32(outputs["betas"][i], (1, 10)),
+      "keypoints_3d": points32[i][None],
+      "cam_t": cam_t32[i][None],
+      "keypoints_2d": f32(keypoints_2d[i], (1, 21, 2)),
+      "hamer_keypoints_2d": f32(seen_2d[i], (1, 21, 2)),
+      "cam_t_fit_rms_px": np.float32(rms[i]),
+      "focal_length": np.float32(focal[i]),
+      "cam_t_full": f32(cam_t_full[i], (1, 3)),
+      "focal_length_full": np.float32(focal_full[i]),
+      "pred_cam": f32(outputs["pred_cam"][i], (1, 3)),
+      "box_center": f32(boxes[i].center, (1, 2)),
+      "box_size": np.float32(boxes[i].size),
+      "is_right": np.float32(boxes[i].is_right),
+      "box_source": sources[i],
+      "image_size": np.array([widths[i], heights[i]], np.int32),
+  } for i in range(n)]
 
 
 def write_prior(path: str, prior: dict[str, Any]) -> None:
