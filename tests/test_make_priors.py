@@ -20,10 +20,10 @@ import pytest
 from dd_jax import parallel
 from dd_jax.convert import hamer as convert_hamer
 from dd_jax.data import egodorsal, store, validation
-from dd_jax.mano import synthetic as mano_synthetic
-from dd_jax.models import hamer
+from dd_jax.models import hamer, hamer_weights
 from dd_jax.priors import job, writer
 from dd_jax.priors import predictor as predictor_lib
+from dd_jax.synthetic import hand as mano_synthetic
 
 import tiny
 from reference import hamer as ref
@@ -40,7 +40,7 @@ def converted(tmp_path_factory):
   ckpt = folder / "hamer.ckpt"
   ref.save_checkpoint(str(ckpt), model, ref.omegaconf_hyper_parameters())
   config, params, notes = convert_hamer.convert(ckpt, hamer.get_config("custom", **ref.TINY_CUSTOM))
-  convert_hamer.save_converted(folder / "converted", config, params, notes=notes)
+  hamer_weights.save_converted(folder / "converted", config, params, notes=notes)
   return folder / "converted", ckpt, model
 
 

@@ -560,7 +560,7 @@ def bench_hamer(s: Settings, mano_dir: str) -> dict[str, Any]:
   else:
     import torch  # pylint: disable=import-outside-toplevel
 
-    from tests.reference import hamer as ref  # pylint: disable=import-outside-toplevel
+    from reference import hamer as ref  # pylint: disable=import-outside-toplevel
     b, hd = config.backbone, config.head
     torch_model = ref.HAMER(mano_dir, ref.mean_params(), backbone=dict(
         dim=b.dim, depth=b.depth, num_heads=b.num_heads), head=dict(
@@ -718,7 +718,7 @@ def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) 
     from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
     tr.make_mano(mano_dir)  # writes the synthetic MANO_RIGHT.pkl the children read
   else:
-    from dd_jax.mano import synthetic  # pylint: disable=import-outside-toplevel
+    from dd_jax.synthetic import hand as synthetic  # pylint: disable=import-outside-toplevel
     synthetic.write_synthetic_mano(os.path.join(mano_dir, "MANO_RIGHT.pkl"), layout="cleaned")
   if {"train", "infer"} & set(rows):
     log("matmul peak ...")

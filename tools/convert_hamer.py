@@ -5,7 +5,7 @@ r"""Converts HaMeR's released checkpoint for dd_jax (no torch needed; nothing in
 
 Then: tools/make_priors.py --hamer /ckpt/hamer. The discriminator, the smplx MANO buffers and
 Lightning's other entries are skipped and listed; keys that do not fit are all listed at once.
-Format: dd_jax/convert/hamer.py. Custom sizes: --variant custom --custom '{"backbone": {...}}'.
+Format: dd_jax/models/hamer_weights.py. Custom sizes: --variant custom --custom '{"backbone": {...}}'.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ import json
 import sys
 import time
 
+from dd_jax import params as params_lib
 from dd_jax.convert import hamer
 from dd_jax.models import hamer as hamer_model
+from dd_jax.models import hamer_weights
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"{args.checkpoint}: HaMeR {hamer_model.variant_name(config)}, "
-        f"{hamer.param_count(params):,} values")
+        f"{params_lib.count_params(params):,} values")
   for note in notes:
     print(f"note: {note}")
-  hamer.save_converted(args.out_dir, config, params, source=args.checkpoint, notes=notes)
+  hamer_weights.save_converted(args.out_dir, config, params, source=args.checkpoint, notes=notes)
   print(f"wrote {args.out_dir} in {time.time() - start:.1f} s")
   return 0
 

@@ -73,8 +73,8 @@ def main(argv=None) -> int:
   from dd_jax import parallel  # pylint: disable=import-outside-toplevel
   from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
-  from dd_jax.mano import synthetic as mano_synthetic  # pylint: disable=import-outside-toplevel
   from dd_jax.priors import job, predictor  # pylint: disable=import-outside-toplevel
+  from dd_jax.synthetic import hand as mano_synthetic  # pylint: disable=import-outside-toplevel
 
   first = jax.process_index() == 0
   try:

@@ -1,18 +1,6 @@
 """HaMeR's released checkpoint -> dd_jax, without torch: the Lightning `.ckpt` (+ optionally
-`mano_mean_params.npz`) to a folder that `dd_jax.models.hamer.load_weights` reads.
-
-Converted format (mirrors dd_jax.convert.dinov3's), a folder holding:
-  hamer.json  {"format": "dd_jax.hamer", "format_version": 1, "variant": "hamer_vith" or
-              "custom", "config": {HamerConfig fields}, "num_params": int, "source": str,
-              "notes": [str]}
-  params/     an Orbax PyTree checkpoint of nnx.to_pure_dict(nnx.state(Hamer(config))), float32,
-              block indices as strings: backbone.{patch_embed.proj.{kernel (p*p*3, D) rows in
-              (kh, kw, c) order, bias}, pos_embed (1, 1+h*w, D), blocks.i.{norm1, norm2}.{scale,
-              bias}, blocks.i.attn.{qkv, proj}.{kernel (in, out), bias}, blocks.i.mlp.{fc1, fc2},
-              last_norm}; mano_head.{token_embedding, pos_embedding, blocks.i.self_attn.{norm,
-              to_qkv, to_out}, blocks.i.cross_attn.{norm, to_q, to_kv, to_out},
-              blocks.i.feed_forward.{norm, mlp.fc1, mlp.fc2}, decpose, decshape, deccam,
-              init_hand_pose (1, 96), init_betas (1, 10), init_cam (1, 3)}.
+`mano_mean_params.npz`) to the params of dd_jax.models.hamer.Hamer, which tools/convert_hamer.py
+saves in the converted format of dd_jax.models.hamer_weights.
 
 The checkpoint is read through dd_jax's allowlisted torch reader: its hyper_parameters (an
 omegaconf DictConfig) and any other pickled object become inert stubs and nothing in the file
@@ -23,9 +11,7 @@ buffers: dd_jax computes keypoints with its own MANO from the user's MANO_RIGHT.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 import os
 import re
 from typing import Any
@@ -33,15 +19,10 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from dd_jax import params as params_lib
 from dd_jax.convert import lightning
 from dd_jax.models import hamer as hamer_model
 from dd_jax.models.hamer import HamerConfig
 
-FORMAT = "dd_jax.hamer"
-FORMAT_VERSION = 1
-CONFIG_FILE = "hamer.json"
-PARAMS_DIR = "params"
 SKIPPED_PREFIXES = {"discriminator.": "the adversarial discriminator (training only)",
                     "mano.": "smplx MANO buffers (dd_jax uses its own MANO)"}
 SKIPPED_KEYS = {"initialized": "ActNorm initialisation flag (unused)"}
@@ -246,49 +227,3 @@ def convert(path: str | os.PathLike, config: HamerConfig | None = None, *,
                             + "; ".join(diffs)) from None
     raise
   return config, params, notes
-
-
-# ---------------------------------------------------------------------------------------------
-# The converted format
-# ---------------------------------------------------------------------------------------------
-
-
-def param_count(params: dict) -> int:
-  return int(sum(np.size(x) for _, x in params_lib.flatten_params(params)))
-
-
-def save_converted(out_dir: str | os.PathLike, config: HamerConfig, params: dict, *,
-                   source: str = "", notes: list[str] | None = None) -> None:
-  """Writes out_dir/hamer.json and out_dir/params (Orbax); replaces an earlier conversion."""
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  os.makedirs(out_dir, exist_ok=True)
-  params_lib.save_tree(os.path.join(out_dir, PARAMS_DIR), params)
-  meta = dict(format=FORMAT, format_version=FORMAT_VERSION,
-              variant=hamer_model.variant_name(config), config=dataclasses.asdict(config),
-              num_params=param_count(params), source=str(source), notes=list(notes or []))
-  with open(os.path.join(out_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2)
-
-
-def read_config(out_dir: str | os.PathLike) -> HamerConfig:
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  meta_path = os.path.join(out_dir, CONFIG_FILE)
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"{out_dir}: no {CONFIG_FILE}; convert HaMeR's checkpoint with "
-                            "tools/convert_hamer.py first")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
-                     f"expected {FORMAT!r} v{FORMAT_VERSION}")
-  try:
-    return HamerConfig.from_dict(meta["config"])
-  except (TypeError, ValueError, KeyError) as e:
-    raise ValueError(f"{meta_path}: bad config ({e})") from None
-
-
-def load_converted(out_dir: str | os.PathLike) -> tuple[HamerConfig, dict]:
-  """A save_converted folder -> (config, params tree of np.float32, int block keys)."""
-  config = read_config(out_dir)
-  return config, params_lib.load_tree(os.path.join(os.path.abspath(os.fspath(out_dir)),
-                                                   PARAMS_DIR))

@@ -325,22 +325,3 @@ def crop_camera(outputs: dict[str, jax.Array], keypoints: jax.Array, config: Ham
   cam_t = jnp.stack([cam[:, 1], cam[:, 2], 2 * f / (config.image_size * cam[:, 0] + 1e-9)], -1)
   p = keypoints + cam_t[:, None]
   return cam_t, (f / config.image_size) * p[..., :2] / p[..., 2:]
-
-
-def load_weights(model: Hamer, path: str) -> None:
-  """Loads a converted HaMeR folder (tools/convert_hamer.py) into `model` (shardings kept).
-
-  The folder's architecture must equal `model.config`; the mean parameters must be present.
-  """
-  # Imported here: dd_jax.convert.hamer imports this module.
-  from dd_jax import params as params_lib  # pylint: disable=import-outside-toplevel
-  from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
-  file_config, params = convert_hamer.load_converted(path)
-  if file_config != model.config:
-    raise ValueError(f"{path}: the converted HaMeR ({variant_name(file_config)}: "
-                     f"{file_config}) is not the configured one ({model.config})")
-  missing = [name for name in ("init_hand_pose", "init_betas", "init_cam")
-             if name not in params.get("mano_head", {})]
-  if missing:
-    raise ValueError(f"{path}: no mean parameters mano_head.{missing}")
-  params_lib.assign_params(model, params, source=path)

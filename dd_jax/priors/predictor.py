@@ -21,6 +21,7 @@ from dd_jax import params as params_lib
 from dd_jax.convert import hamer as convert_hamer
 from dd_jax.mano import model as mano_model
 from dd_jax.models import hamer as hamer_model
+from dd_jax.models import hamer_weights
 
 OUTPUT_KEYS = ("global_orient", "hand_pose", "betas", "pred_cam", "keypoints_3d",
                "keypoints_2d_crop")
@@ -31,7 +32,7 @@ def read_weights(path: str, variant: str = "hamer_vith", custom: dict | None = N
   """(config, params, notes) from a converted folder, or from a HaMeR .ckpt (converted here;
   `variant` / `custom` give its sizes, which a .ckpt does not store)."""
   if os.path.isdir(path):
-    config, params = convert_hamer.load_converted(path)
+    config, params = hamer_weights.load_converted(path)
     return config, params, [f"converted HaMeR {hamer_model.variant_name(config)} from {path}"]
   config = hamer_model.get_config(variant, **(custom or {}))
   config, params, notes = convert_hamer.convert(path, config)

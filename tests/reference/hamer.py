@@ -254,7 +254,7 @@ def make_mano(folder: str):
   from smplx.vertex_ids import vertex_ids  # pylint: disable=import-outside-toplevel
   path = os.path.join(folder, "MANO_RIGHT.pkl")
   if not os.path.exists(path):
-    from dd_jax.mano import synthetic  # pylint: disable=import-outside-toplevel
+    from dd_jax.synthetic import hand as synthetic  # pylint: disable=import-outside-toplevel
     os.makedirs(folder, exist_ok=True)
     synthetic.write_synthetic_mano(path, layout="cleaned")
 
