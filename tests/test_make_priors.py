@@ -63,8 +63,9 @@ def prior_files(root):
           for p in sorted(glob.glob(os.path.join(root, "**", "hamer", "*.npy"), recursive=True))}
 
 
-def make_priors(data_dir, weights, devices=1, extra=(), env=None, processes=1):
-  args = [sys.executable, os.path.join(tiny.ROOT, "tools", "make_priors.py"),
+def make_priors(data_dir, weights, devices=1, extra=(), env=None, processes=1,
+                script=os.path.join("tools", "make_priors.py")):
+  args = [sys.executable, os.path.join(tiny.ROOT, script),
           f"--data_dir={data_dir}", f"--hamer={weights}", "--mano=synthetic",
           "--per_device_batch=2", *extra]
   running = []
@@ -138,7 +139,8 @@ def test_two_devices_killed_and_rerun_give_the_same_files(reference_run, convert
   1-device run wrote it."""
   root = fresh_copy(tiny_dataset, tmp_path / "data")
   codes, outputs = make_priors(root, converted[0], devices=2,
-                               env={"DD_JAX_SIGKILL_AFTER_PRIORS": "7"})
+                               env={"DD_JAX_SIGKILL_AFTER_PRIORS": "7"},
+                               script=os.path.join("tests", "make_priors_killed.py"))
   assert codes == [-signal.SIGKILL], outputs[0][-3000:]
   assert "over 2 device(s)" in outputs[0]
   partial = prior_files(root)

@@ -22,7 +22,6 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-import signal
 import time
 from typing import Callable
 
@@ -38,8 +37,6 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_FX = 5000.0  # images without intrinsics: the readers' focal is then HaMeR's own
 ERROR_BYTES = 400
 REPORT_FILE = "make_priors_report.json"
-# Fault injection for the resume test: the process SIGKILLs itself after writing this many files.
-_SIGKILL_AFTER = int(os.environ.get("DD_JAX_SIGKILL_AFTER_PRIORS", "0"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,7 +303,7 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
   undistort = align.Undistorter()
   tracked: dict[int, dict] = {}  # image -> its prior, kept while a later image tracks from it
   needed = set(plan.previous.values())
-  done, written_here = 0, 0
+  done = 0
   last_log = run_start = time.perf_counter()
 
   def track_source(i: int) -> dict | None:
@@ -363,9 +360,6 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
             tracked[i] = prior
           if r in mine:
             writer.write_prior(items[i].out_path, prior)
-            written_here += 1
-            if written_here == _SIGKILL_AFTER:
-              os.kill(os.getpid(), signal.SIGKILL)
         done += len(batch)
         now = time.perf_counter()
         if first and (now - last_log >= options.progress_every_s or done == len(plan.todo)):
