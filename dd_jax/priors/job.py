@@ -18,24 +18,22 @@ files are replaced atomically, and an image that cannot be read is named, skippe
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 
-from dd_jax import parallel
+from dd_jax import sharded_job
 from dd_jax.data import align, egodorsal, store
 from dd_jax.priors import preprocess, writer
 from dd_jax.priors.predictor import OUTPUT_KEYS, HamerPredictor
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 DEFAULT_FX = 5000.0  # images without intrinsics: the readers' focal is then HaMeR's own
-ERROR_BYTES = 400
 REPORT_FILE = "make_priors_report.json"
 
 
@@ -72,25 +70,31 @@ def _frame_order(item: dict) -> tuple:
                if isinstance(item.get(k), (int, float)))
 
 
-def egodorsal_items(root: str, default_fx: float = DEFAULT_FX) -> tuple[list[Item], list[str]]:
-  """Frames (frames.json) and bases (bases.json) of an EgoDorsal folder -> (items, notes)."""
+def egodorsal_items(root: str, default_fx: float = DEFAULT_FX, *, split: str = "all",
+                    prior_path: Callable[[Any], str | None] | None = None
+                    ) -> tuple[list[Item], list[str]]:
+  """Frames (frames.json, or a split file) and bases (bases.json) of an EgoDorsal folder ->
+  (items, notes). prior_path(frame or base) says where its prior goes (default: its
+  hamer_path; None skips it with a note)."""
+  prior_path = prior_path or (lambda x: x.hamer_path)
   index = egodorsal.load_index(root)
-  frames = egodorsal.select_frames(index, "all")
-  raw = egodorsal.read_json(egodorsal.split_file(index.root, "all"), []) or {}
+  frames = egodorsal.select_frames(index, split)
+  raw = egodorsal.read_json(egodorsal.split_file(index.root, split), []) or {}
   order = {int(f["frame_id"]): _frame_order(f) for f in raw.get("frames", [])
            if isinstance(f.get("frame_id"), int)}
   items, notes = [], []
   for frame in frames:
     trial = index.trials[frame.trial_id]
-    if frame.hamer_path is None:
+    out_path = prior_path(frame)
+    if out_path is None:
       notes.append(f"frame {frame.frame_id}: no hamer_path in frames.json; skipped")
       continue
     if frame.img_path is not None:
-      items.append(Item(f"frame {frame.frame_id}", frame.img_path, frame.hamer_path,
+      items.append(Item(f"frame {frame.frame_id}", frame.img_path, out_path,
                         float(trial.K[0, 0]), trial.K, trial.d, frame.trial_id,
                         order.get(frame.frame_id, (frame.frame_id,))))
     elif frame.cropped_img_path is not None:  # precropped-only set: the crop is the image
-      items.append(Item(f"frame {frame.frame_id}", frame.cropped_img_path, frame.hamer_path,
+      items.append(Item(f"frame {frame.frame_id}", frame.cropped_img_path, out_path,
                         float(trial.K[0, 0])))
     else:
       notes.append(f"frame {frame.frame_id}: neither img_path nor cropped_img_path; skipped")
@@ -102,9 +106,9 @@ def egodorsal_items(root: str, default_fx: float = DEFAULT_FX) -> tuple[list[Ite
     if trial is None:
       notes.append(f"participant {p_id}: no trial, so no intrinsics: bases use fx {default_fx} "
                    "and no undistortion")
-    for i, base in enumerate(bases):
+    for base in bases:
       items.append(Item(f"participant {p_id} base {base.base_id}", base.img_path,
-                        base.hamer_path, float(trial.K[0, 0]) if trial else default_fx,
+                        prior_path(base), float(trial.K[0, 0]) if trial else default_fx,
                         trial.K if trial else None, trial.d if trial else None))
   return items, notes
 
@@ -204,40 +208,52 @@ def tracked_box(prior: dict | None) -> tuple[np.ndarray, bool] | None:
   return box, bool(np.asarray(prior.get("is_right", 1.0)).reshape(-1)[0] > 0.5)
 
 
-class _Row:
-  """What one image contributes to a batch."""
-
-  def __init__(self, crop, valid, width=0, height=0, box=None, source="", error=""):
-    self.crop, self.valid, self.width, self.height = crop, valid, width, height
-    self.box, self.source, self.error = box, source, error
+def hand_crop(image: np.ndarray, box: tuple[np.ndarray, bool] | None, track_from: dict | None,
+              options: Options, image_size: int
+              ) -> tuple[np.ndarray, preprocess.CropBox, str]:
+  """An (undistorted) RGB image -> (HaMeR's input crop, its CropBox, box source): the given
+  (box, is_right); else the box around `track_from`'s keypoints_2d; else the whole image."""
+  height, width = image.shape[:2]
+  if box is not None:
+    crop_box = preprocess.crop_box(box[0], box[1], options.rescale_factor)
+    source = "boxes_json"
+  elif (tracked := tracked_box(track_from)) is not None:
+    crop_box = preprocess.crop_box(tracked[0], tracked[1], options.rescale_factor)
+    source = "tracked"
+  else:
+    crop_box = preprocess.crop_box([0, 0, width, height], options.default_is_right, 1.0)
+    source = "whole_image"
+  return preprocess.hamer_input(image, crop_box, image_size), crop_box, source
 
 
 def prepare(item: Item, boxes: dict, track_from: dict | None, options: Options,
-            undistort: align.Undistorter, image_size: int) -> _Row:
-  """Reads, undistorts and crops one image; any problem makes an invalid row naming it."""
-  blank = np.zeros((image_size, image_size, 3), np.float32)
+            undistort: align.Undistorter, image_size: int
+            ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+  """Reads, undistorts and crops one image -> ({crops}, metadata); any problem raises
+  sharded_job.Skip naming the image."""
   try:
     image = store.decode_image(store.read_file(item.image_path, None, "image"), item.image_path,
                                None)
     if item.K is not None and item.d is not None:
       image = undistort(image, item.K, item.d)
-    height, width = image.shape[:2]
-    if item.image_path in boxes:
-      box, is_right = boxes[item.image_path]
-      crop_box = preprocess.crop_box(box, is_right, options.rescale_factor)
-      source = "boxes_json"
-    elif (tracked := tracked_box(track_from)) is not None:
-      crop_box = preprocess.crop_box(tracked[0], tracked[1], options.rescale_factor)
-      source = "tracked"
-    else:
-      crop_box = preprocess.crop_box([0, 0, width, height], options.default_is_right, 1.0)
-      source = "whole_image"
-    crop = preprocess.hamer_input(image, crop_box, image_size)
-    return _Row(crop, True, width, height, crop_box, source)
+    crop, crop_box, source = hand_crop(image, boxes.get(item.image_path), track_from, options,
+                                       image_size)
   except store.FrameLoadError as e:
-    return _Row(blank, False, error=f"{item.name}: {e}")
+    raise sharded_job.Skip(f"{item.name}: {e}") from None
   except Exception as e:  # pylint: disable=broad-except  # cv2, a bad box: name it, go on
-    return _Row(blank, False, error=f"{item.name}: {item.image_path}: {type(e).__name__}: {e}")
+    raise sharded_job.Skip(f"{item.name}: {item.image_path}: {type(e).__name__}: {e}") from None
+  height, width = image.shape[:2]
+  return {"crops": crop}, _meta(width, height, crop_box, source)
+
+
+def _meta(width: int, height: int, box: preprocess.CropBox | None, source: str
+          ) -> dict[str, np.ndarray]:
+  return {"width": np.int32(width), "height": np.int32(height),
+          "center": (np.zeros(2, np.float32) if box is None
+                     else np.asarray(box.center, np.float32)),
+          "size": np.float32(0 if box is None else box.size),
+          "is_right": np.bool_(box is not None and box.is_right),
+          "source": np.int32(_SOURCES.index(source))}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,54 +273,44 @@ class Report:
   seconds: float = 0.0
 
 
-def _encode(message: str) -> np.ndarray:
-  data = message.encode("utf-8", "replace")[:ERROR_BYTES]
-  return np.frombuffer(data.ljust(ERROR_BYTES, b"\0"), np.uint8).copy()
-
-
-def _decode(row: np.ndarray) -> str:
-  return bytes(np.asarray(row, np.uint8)).rstrip(b"\0").decode("utf-8", "replace")
-
-
 _SOURCES = ("",) + writer.BOX_SOURCES
-
-
-def local_rows(mesh: jax.sharding.Mesh, global_batch: int) -> list[int]:
-  """The rows of a global batch that this process's devices hold (in order)."""
-  index_map = parallel.batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
-  rows = sorted({r for index in index_map.values()
-                 for r in range(*index[0].indices(global_batch))})
-  return rows
 
 
 def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: str | None = None,
         default_fx: float = DEFAULT_FX, log: Callable[[str], None] = print) -> Report:
   """Makes every missing prior under `root`; returns the report (the same on every process)."""
-  start = time.perf_counter()
   root = os.path.abspath(root)
   items, notes = list_items(root, default_fx)
   if boxes_path is None and os.path.exists(os.path.join(root, "boxes.json")):
     boxes_path = os.path.join(root, "boxes.json")
   boxes = load_boxes(boxes_path, root) if boxes_path else {}
+  where = f"under {root}" + (f"; boxes from {boxes_path} ({len(boxes)})" if boxes_path else "")
+  return make_priors(items, predictor, options, boxes=boxes, notes=notes, where=where, log=log)
+
+
+def make_priors(items: list[Item], predictor: HamerPredictor, options: Options, *,
+                boxes: dict | None = None, notes: list[str] | None = None, where: str = "",
+                log: Callable[[str], None] = print) -> Report:
+  """Writes the prior of every item whose out_path is missing (all with options.overwrite);
+  returns the report (the same on every process)."""
+  start = time.perf_counter()
+  boxes = boxes or {}
   plan = make_plan(items, boxes, options.overwrite)
-  report = Report(total=len(items), skipped_existing=plan.skipped_existing, notes=notes)
+  report = Report(total=len(items), skipped_existing=plan.skipped_existing,
+                  notes=list(notes or []))
   mesh = predictor.mesh
   global_batch = options.per_device_batch * mesh.size
-  mine = local_rows(mesh, global_batch)
   image_size = predictor.config.image_size
   first = jax.process_index() == 0
   if first:
-    log(f"make_priors: {len(items)} images under {root}: {len(plan.todo)} to do, "
+    log(f"make_priors: {len(items)} images {where}: {len(plan.todo)} to do, "
         f"{plan.skipped_existing} already there; {len(plan.waves)} wave(s); global batch "
-        f"{global_batch} over {mesh.size} device(s) of {jax.process_count()} process(es)"
-        + (f"; boxes from {boxes_path} ({len(boxes)})" if boxes_path else ""))
+        f"{global_batch} over {mesh.size} device(s) of {jax.process_count()} process(es)")
   if plan.todo:
     predictor.compile(global_batch)
   undistort = align.Undistorter()
   tracked: dict[int, dict] = {}  # image -> its prior, kept while a later image tracks from it
   needed = set(plan.previous.values())
-  done = 0
-  last_log = run_start = time.perf_counter()
 
   def track_source(i: int) -> dict | None:
     prev = plan.previous.get(i)
@@ -314,89 +320,48 @@ def run(root: str, predictor: HamerPredictor, options: Options, *, boxes_path: s
       return tracked[prev]
     try:
       return writer.read_prior(items[prev].out_path)
-    except (OSError, ValueError) as e:  # missing (failed earlier) or unreadable: whole image
-      del e
+    except (OSError, ValueError):  # missing (failed earlier) or unreadable: whole image
       return None
 
-  with concurrent.futures.ThreadPoolExecutor(max(1, options.workers)) as pool:
-    for wave in plan.waves:
-      batches = [wave[s:s + global_batch] for s in range(0, len(wave), global_batch)]
+  def finish(batch: sharded_job.Batch) -> None:
+    meta = batch.meta
+    used = []  # rows this process writes or a later wave tracks from
+    for r, i in enumerate(batch.items):
+      tracked.pop(plan.previous.get(i), None)  # each image is tracked from at most once
+      if batch.errors[r]:
+        report.failed.append(batch.errors[r])
+        if first:
+          log(f"skipped: {batch.errors[r]}")
+        continue
+      report.by_source[_SOURCES[int(meta["source"][r])]] += 1
+      report.written += 1
+      if r in batch.mine or i in needed:
+        used.append((r, i))
+    if not used:
+      return
+    rs = [r for r, _ in used]
+    priors = writer.prior_dicts(
+        {k: batch.outputs[k][rs] for k in OUTPUT_KEYS},
+        [preprocess.CropBox(meta["center"][r], np.float32(meta["size"][r]),
+                            bool(meta["is_right"][r])) for r in rs],
+        [_SOURCES[int(meta["source"][r])] for r in rs], meta["width"][rs],
+        meta["height"][rs], np.array([items[i].fx for _, i in used]))
+    for (r, i), prior in zip(used, priors):
+      if i in needed:
+        tracked[i] = prior
+      if r in batch.mine:
+        writer.write_prior(items[i].out_path, prior)
 
-      def submit(batch):
-        rows = [batch[r] if r < len(batch) else None for r in mine]
-        return [pool.submit(prepare, items[i], boxes, track_source(i), options, undistort,
-                            image_size) if i is not None else None for i in rows]
-
-      pending = submit(batches[0]) if batches else None
-      for b, batch in enumerate(batches):
-        futures = pending
-        rows = [f.result() if f is not None else _Row(
-            np.zeros((image_size, image_size, 3), np.float32), False) for f in futures]
-        pending = submit(batches[b + 1]) if b + 1 < len(batches) else None
-        outputs, meta = _run_batch(predictor, mesh, rows)
-        used = []  # rows this process writes or a later wave tracks from
-        for r, i in enumerate(batch):
-          tracked.pop(plan.previous.get(i), None)  # each image is tracked from at most once
-          if not meta["valid"][r]:
-            message = _decode(meta["error"][r])
-            report.failed.append(message)
-            if first:
-              log(f"skipped: {message}")
-            continue
-          report.by_source[_SOURCES[int(meta["source"][r])]] += 1
-          report.written += 1
-          if r in mine or i in needed:
-            used.append((r, i))
-        if used:
-          rs = [r for r, _ in used]
-          priors = writer.prior_dicts(
-              {k: outputs[k][rs] for k in OUTPUT_KEYS},
-              [preprocess.CropBox(meta["center"][r], np.float32(meta["size"][r]),
-                                  bool(meta["is_right"][r])) for r in rs],
-              [_SOURCES[int(meta["source"][r])] for r in rs], meta["width"][rs],
-              meta["height"][rs], np.array([items[i].fx for _, i in used]))
-        for (r, i), prior in zip(used, priors if used else []):
-          if i in needed:
-            tracked[i] = prior
-          if r in mine:
-            writer.write_prior(items[i].out_path, prior)
-        done += len(batch)
-        now = time.perf_counter()
-        if first and (now - last_log >= options.progress_every_s or done == len(plan.todo)):
-          rate = done / max(now - run_start, 1e-9)
-          eta = (len(plan.todo) - done) / max(rate, 1e-9)
-          log(f"{done}/{len(plan.todo)} images ({100 * done / len(plan.todo):.0f}%), "
-              f"{rate:.1f} images/s, ETA {_duration(eta)}")
-          last_log = now
+  blank = ({"crops": np.zeros((image_size, image_size, 3), np.float32)},
+           _meta(0, 0, None, ""))
+  sharded_job.run(
+      plan.waves, mesh=mesh, global_batch=global_batch,
+      prepare=lambda i: prepare(items[i], boxes, track_source(i), options, undistort,
+                                image_size),
+      blank=blank, compute=lambda inputs: predictor(inputs["crops"]), finish=finish,
+      workers=options.workers, progress_every_s=options.progress_every_s, unit="images", log=log)
   report.seconds = time.perf_counter() - start
   return report
-
-
-def _run_batch(predictor: HamerPredictor, mesh, rows: list[_Row]):
-  """This process's rows -> (outputs, metadata) of the whole global batch, on every process."""
-  local = {
-      "crops": np.stack([row.crop for row in rows]),
-      "valid": np.array([row.valid for row in rows]),
-      "width": np.array([row.width for row in rows], np.int32),
-      "height": np.array([row.height for row in rows], np.int32),
-      "center": np.stack([row.box.center if row.box else np.zeros(2, np.float32)
-                          for row in rows]).astype(np.float32),
-      "size": np.array([row.box.size if row.box else 0 for row in rows], np.float32),
-      "is_right": np.array([row.box.is_right if row.box else False for row in rows]),
-      "source": np.array([_SOURCES.index(row.source) for row in rows], np.int32),
-      "error": np.stack([_encode(row.error) for row in rows]),
-  }
-  batch = parallel.global_batch(mesh, local)
-  outputs = predictor(batch.pop("crops"))
-  gathered = parallel.to_host({"outputs": outputs, "meta": batch})
-  return gathered["outputs"], gathered["meta"]
-
-
-def _duration(seconds: float) -> str:
-  seconds = int(round(seconds))
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
 def write_report(path: str, report: Report) -> None:

@@ -19,12 +19,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 
-from dd_jax import safe_pickle
+from dd_jax import safe_pickle, sharded_job
 from dd_jax.priors import camera
 from dd_jax.priors.preprocess import CropBox
 
@@ -80,17 +79,9 @@ def prior_dicts(outputs: dict[str, np.ndarray], boxes: list[CropBox], sources: l
 
 
 def write_prior(path: str, prior: dict[str, Any]) -> None:
-  """np.save of the dict (allow_pickle, as the EgoDorsal files are) to `path`, atomically: a
-  sibling temporary file, flushed to disk, renamed over `path`. A reader or a killed run never
-  sees a partial file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    np.save(f, prior, allow_pickle=True)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  """np.save of the dict (allow_pickle, as the EgoDorsal files are) to `path`, atomically
+  (sharded_job.atomic_write): a reader or a killed run never sees a partial file."""
+  sharded_job.atomic_write(path, lambda f: np.save(f, prior, allow_pickle=True))
 
 
 def read_prior(path: str) -> dict[str, Any]:
