@@ -142,6 +142,17 @@ def compute_alignment(K: np.ndarray, width: int, height: int, frame_kp3d: np.nda
   return Alignment(H, box, frame_kp, base_kp)
 
 
+def online_crops(K: np.ndarray, frame_image: np.ndarray, base_image: np.ndarray,
+                 frame_kp3d: np.ndarray, frame_cam_t: np.ndarray, base_kp3d: np.ndarray,
+                 base_cam_t: np.ndarray) -> tuple[np.ndarray, np.ndarray, Alignment]:
+  """The online mode on undistorted full images and both priors' keypoints_3d / cam_t:
+  (frame crop, aligned base crop, alignment). The data pipeline and the end-to-end predictor
+  (dd_jax.full_frames) both crop through here."""
+  height, width = frame_image.shape[:2]
+  alignment = compute_alignment(K, width, height, frame_kp3d, frame_cam_t, base_kp3d, base_cam_t)
+  return (*align_and_crop(frame_image, base_image, alignment), alignment)
+
+
 def align_and_crop(frame_image: np.ndarray, base_image: np.ndarray, alignment: Alignment
                    ) -> tuple[np.ndarray, np.ndarray]:
   """(frame crop, aligned base crop) from undistorted full images."""

@@ -155,15 +155,13 @@ class SampleReader:
     base_bytes, base_path = self.store.base_image(trial.p_id, base_idx, fid)
     img = self._undistort(decode_image(img_bytes, img_path, fid), trial.K, trial.d)
     base_img = self._undistort(decode_image(base_bytes, base_path, fid), trial.K, trial.d)
-    h, w = img.shape[:2]
-    alignment = align.compute_alignment(
-        trial.K, w, h, _require(prior, "keypoints_3d", frame.hamer_path, fid),
+    img, base_img, alignment = align.online_crops(
+        trial.K, img, base_img, _require(prior, "keypoints_3d", frame.hamer_path, fid),
         _require(prior, "cam_t", frame.hamer_path, fid),
         _require(base_prior, "keypoints_3d", self.store.base_name(trial.p_id, base_idx), fid),
         _require(base_prior, "cam_t", self.store.base_name(trial.p_id, base_idx), fid))
     x0, _, y0, _ = alignment.box
-    return (*align.align_and_crop(img, base_img, alignment),
-            alignment.frame_keypoints - (x0, y0))
+    return img, base_img, alignment.frame_keypoints - (x0, y0)
 
 
 def _encode_error(message: str) -> np.ndarray:
