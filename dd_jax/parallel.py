@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dd_jax.logs import log
+
 DATA_AXIS = "data"
 # Parameters smaller than this stay replicated under FSDP: splitting them saves nothing and
 # costs a collective each.
@@ -74,3 +76,18 @@ def to_host(tree):
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, tree)
   return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def join_processes(coordinator_address: str | None, num_processes: int | None,
+                   process_id: int | None, distributed: bool, heartbeat_timeout_s: int) -> None:
+  """jax.distributed.initialize with an explicit coordinator (local tests, multi-node GPUs) or
+  auto-detection (`distributed`: TPU pods, SLURM, Open MPI); nothing otherwise."""
+  if coordinator_address:
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes,
+        process_id=process_id, cluster_detection_method="deactivate",
+        heartbeat_timeout_seconds=heartbeat_timeout_s)
+  elif distributed:
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat_timeout_s)
+  log.info("process %d of %d, %d local / %d global devices", jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())

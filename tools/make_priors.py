@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from dd_jax import launch, logs
+from dd_jax import logs, parallel
 from dd_jax.logs import log
 
 
@@ -66,11 +66,10 @@ def parse_args(argv):
 def main(argv=None) -> int:
   args = parse_args(argv)
   logs.setup_console()
-  launch.join_processes(args.coordinator_address, args.num_processes, args.process_id,
-                        args.distributed, args.heartbeat_timeout_s)
+  parallel.join_processes(args.coordinator_address, args.num_processes, args.process_id,
+                          args.distributed, args.heartbeat_timeout_s)
   import jax  # pylint: disable=import-outside-toplevel
 
-  from dd_jax import parallel  # pylint: disable=import-outside-toplevel
   from dd_jax.convert import hamer as convert_hamer  # pylint: disable=import-outside-toplevel
   from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
   from dd_jax.priors import job, predictor  # pylint: disable=import-outside-toplevel
