@@ -1,5 +1,12 @@
-r"""Runs a trained pose or force network on image files: JSON per frame, overlay PNGs, latency.
+r"""Runs a trained pose or force network: on crops already aligned to their base (--image), on
+raw camera frames (--frames: an image, a folder or a video, with HaMeR, the online alignment
+and MANO end to end), or on a whole unlabelled EgoDorsal-layout set (--data_dir: every device of
+every process, resumable). docs/inference.md.
 
+  python -m dd_jax.predict --checkpoint runs/demo --hamer_weights /ckpt/hamer \
+      --frames clip.mp4 --base neutral.mp4 [--K '[[...]]' --d k1,k2,p1,p2,k3] --out predictions/
+  python -m dd_jax.predict --checkpoint runs/demo --hamer_weights /ckpt/hamer \
+      --data_dir /data/egodorsal_unlabelled --out predictions/ [--per_device_batch 32]
   python -m dd_jax.predict --checkpoint runs/demo --image frame.jpg --base base.jpg \
       --hamer frame_hamer.npy --out predictions/
   python -m dd_jax.predict --checkpoint runs/demo --image crops/ --base bases/ --hamer hamer/ \
@@ -15,7 +22,8 @@ HaMeR prior) is a .npy file (single image only) or a folder holding <stem>.npy f
 file for every frame or a folder holding <base stem>.npy. A missing partner is an error that
 lists the frames concerned. Writes OUT/<stem>.json and OUT/<stem>.png per frame and
 OUT/predict_summary.json; prints each frame's network latency (batch 1, after a warm-up
-compile) and a summary.
+compile) and a summary. The other modes write OUT/predictions.npz and predictions.jsonl
+(dd_jax.full_frames.sequence / .dataset). Exit status 0, 3 when some frames failed, 1 on errors.
 """
 
 from __future__ import annotations
@@ -33,8 +41,11 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from dd_jax import inference
+from dd_jax.convert import hamer as convert_hamer
 from dd_jax.convert import lightning
 from dd_jax.data import store
+from dd_jax.full_frames import sources
+from dd_jax.priors import job as priors_job
 from dd_jax.viz import overlays
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -268,22 +279,136 @@ def _define_flags() -> None:
   """Only when run as a program, so importing this module defines no absl flags."""
   flags.DEFINE_string("checkpoint", None, "dd_jax run folder, its checkpoints/ or one step "
                       "folder; or a converted original checkpoint (deltadorsal.json + params/).")
-  flags.DEFINE_string("image", None, "Image file, or a folder of images (frames by file stem).")
-  flags.DEFINE_string("base", None, "Base image file (for every frame) or folder (by stem).")
-  flags.DEFINE_string("hamer", None, "Frame's HaMeR .npy, or a folder of <stem>.npy.")
-  flags.DEFINE_string("base_hamer", None, "Base image's HaMeR .npy (hand shape = its betas[0], "
-                      "as in training), or a folder of <base stem>.npy.")
   flags.DEFINE_string("out", None, "Output folder.")
+  # --- the three inputs (one of them)
+  flags.DEFINE_string("image", None, "Crops already aligned to their base: an image file, or a "
+                      "folder of images (frames by file stem).")
+  flags.DEFINE_string("frames", None, "Raw camera frames: an image, a folder of images or a "
+                      "video file (HaMeR, alignment and crop run here; needs --hamer_weights).")
+  flags.DEFINE_string("data_dir", None, "An EgoDorsal-layout set (frames.json, no annotations "
+                      "needed): every frame, on every device of every process, resumable.")
+  flags.DEFINE_string("base", None, "--image: base image file (for every frame) or folder (by "
+                      "stem). --frames: the neutral capture: an image, a folder or a video.")
+  flags.DEFINE_string("hamer", None, "--image: the frame's HaMeR .npy, or a folder of <stem>.npy.")
+  flags.DEFINE_string("base_hamer", None, "--image: the base image's HaMeR .npy (hand shape = "
+                      "its betas[0], as in training), or a folder of <base stem>.npy.")
+  # --- raw frames and datasets
+  flags.DEFINE_string("hamer_weights", None, "HaMeR: a converted folder (tools/convert_hamer.py) "
+                      "or HaMeR's .ckpt.")
+  flags.DEFINE_string("hamer_variant", "hamer_vith", "Sizes of a .ckpt given to --hamer_weights.")
+  flags.DEFINE_string("hamer_custom", "", "JSON size overrides for --hamer_variant custom.")
+  flags.DEFINE_string("hamer_dtype", "float32", "HaMeR compute dtype (bfloat16 on accelerators).")
+  flags.DEFINE_enum("base_choice", "first", ["first", "random"], "The base of a frame: the first "
+                    "candidate with a usable hand, or one drawn per frame (seeded by its index / "
+                    "frame_id), as the data pipeline's online mode allows.")
+  # --- raw frames
+  flags.DEFINE_string("K", None, "Camera matrix: JSON [[fx,0,cx],[0,fy,cy],[0,0,1]] or 9 numbers.")
+  flags.DEFINE_string("d", None, "OpenCV distortion coefficients (JSON or comma-separated).")
+  flags.DEFINE_string("trial", None, "K and d from an EgoDorsal trials.json: PATH:TRIAL_ID.")
+  flags.DEFINE_string("boxes", None, "Hand boxes JSON {frame name: {box: [x0,y0,x1,y1], "
+                      "is_right: true}} (names: file stems, or <video stem>_<6-digit index>).")
+  flags.DEFINE_string("base_box", None, "Hand box x0,y0,x1,y1 in the base candidates.")
+  flags.DEFINE_bool("track", True, "A frame without a box uses the box around the previous "
+                    "frame's hand (else the whole image).")
+  flags.DEFINE_integer("max_base_frames", 8, "Base candidates taken from a base folder / video.")
+  flags.DEFINE_bool("smooth", False, "One-Euro filter on the pose and HaMeR's placement.")
+  flags.DEFINE_float("smooth_min_cutoff", 1.0, "One-Euro cutoff (Hz) when still.")
+  flags.DEFINE_float("smooth_beta", 0.5, "One-Euro speed gain (per rad/s; the wrist in dm/s).")
+  flags.DEFINE_float("smooth_d_cutoff", 1.0, "One-Euro cutoff (Hz) of the speed estimate.")
+  flags.DEFINE_float("fps", None, "Frame rate of a folder of frames (default 30).")
+  flags.DEFINE_bool("save_mesh", False, "Write each predicted hand as OUT/meshes/<frame>.obj.")
+  # --- datasets
+  flags.DEFINE_string("split", "all", "--data_dir: frames.json ('all') or a split file's name.")
+  flags.DEFINE_integer("per_device_batch", 8, "--data_dir: frames per device per batch.")
+  flags.DEFINE_integer("workers", 4, "--data_dir: image-loading threads per process.")
+  flags.DEFINE_bool("overwrite", False, "--data_dir: redo frames that have a result already.")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes.")
+  flags.DEFINE_integer("process_id", None, "This process's index.")
+  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() with auto-detection.")
+  flags.DEFINE_integer("heartbeat_timeout_s", 100, "Seconds before a silent process is dead.")
+  # --- all
   flags.DEFINE_string("mano", None, "MANO_RIGHT.pkl to use instead of the checkpoint's.")
   flags.DEFINE_integer("image_size", None, "Network input size instead of the checkpoint's.")
   flags.DEFINE_integer("step", None, "Checkpoint step of a run (default: the best).")
-  flags.DEFINE_bool("overlay", True, "Write the overlay PNGs.")
+  flags.DEFINE_bool("overlay", True, "Write the overlays (PNGs, or an MP4 for a video).")
   flags.DEFINE_enum("backbone_dtype", None, ["float32", "bfloat16"], "Backbone compute dtype "
                     "instead of the checkpoint's (float32 is much faster on most CPUs).")
   config_flags.DEFINE_config_file("config", None, "Converted checkpoints only: configs/pose.py "
                                   "or configs/force.py (+ overrides); default: the model "
                                   "settings stored in deltadorsal.json.")
-  flags.mark_flags_as_required(["checkpoint", "image", "base", "out"])
+  flags.mark_flags_as_required(["checkpoint", "out"])
+
+
+def _raw_frames(f) -> int:
+  """--frames: the sequence runner (dd_jax.full_frames.sequence)."""
+  from dd_jax.full_frames import sequence, smoothing  # pylint: disable=import-outside-toplevel
+  if f.base is None:
+    raise ValueError("--frames needs --base (an image, a folder or a video of the neutral hand)")
+  K, d, camera_source = _camera_flags(f)
+  boxes = priors_job.load_boxes(f.boxes, "") if f.boxes else {}
+  boxes = {os.path.splitext(os.path.basename(k))[0]: v for k, v in boxes.items()}
+  settings = sequence.Settings(
+      boxes=boxes, base_box=(None if f.base_box is None
+                             else sources.parse_numbers(f.base_box, "--base_box").reshape(4)),
+      track=f.track, base_choice=f.base_choice, max_base_frames=f.max_base_frames,
+      smoothing=smoothing.OneEuroSettings(f.smooth_min_cutoff, f.smooth_beta,
+                                          f.smooth_d_cutoff) if f.smooth else None,
+      fps=f.fps, overlay=f.overlay, save_mesh=f.save_mesh)
+  pipeline = inference.Pipeline.from_dirs(
+      hamer=_required(f.hamer_weights, "--hamer_weights"), deltadorsal=f.checkpoint, mano=f.mano,
+      hamer_variant=f.hamer_variant, hamer_dtype=f.hamer_dtype,
+      hamer_custom=json.loads(f.hamer_custom) if f.hamer_custom else None, config=f.config,
+      step=f.step, image_size=f.image_size, backbone_dtype=f.backbone_dtype)
+  summary = sequence.run(pipeline, f.frames, f.base, f.out, K=K, d=d,
+                         camera_source=camera_source, settings=settings)
+  return 3 if summary["failed"] else 0
+
+
+def _camera_flags(f) -> tuple[np.ndarray | None, np.ndarray | None, str]:
+  """(K, d, where they came from) of --trial or --K / --d; None, None without them."""
+  if f.trial:
+    if f.K or f.d:
+      raise ValueError("give either --trial or --K / --d, not both")
+    return sources.trial_camera(f.trial)
+  K = sources.parse_numbers(f.K, "--K") if f.K else None
+  d = sources.parse_numbers(f.d, "--d") if f.d else None
+  return K, d, "--K / --d"
+
+
+def _required(value, flag):
+  if not value:
+    raise ValueError(f"{flag} is required here")
+  return value
+
+
+def _dataset(f) -> int:
+  """--data_dir: the dataset job (dd_jax.full_frames.dataset), on every device of every process."""
+  from dd_jax import parallel  # pylint: disable=import-outside-toplevel
+  from dd_jax.full_frames import dataset  # pylint: disable=import-outside-toplevel
+  from dd_jax.mano import io as mano_io  # pylint: disable=import-outside-toplevel
+  from dd_jax.priors import predictor  # pylint: disable=import-outside-toplevel
+  parallel.join_processes(f.coordinator_address, f.num_processes, f.process_id, f.distributed,
+                        f.heartbeat_timeout_s)
+  mesh = parallel.make_mesh()
+  network = inference.load(f.checkpoint, config=f.config, step=f.step, mano_path=f.mano,
+                           image_size=f.image_size, backbone_dtype=f.backbone_dtype, mesh=mesh)
+  hamer = None
+  if f.hamer_weights:
+    hand = network.mano if network.mano is not None else mano_io.load_mano_or_synthetic(
+        f.mano or network.config.mano.path)
+    hamer, _ = predictor.HamerPredictor.from_weights(
+        f.hamer_weights, hand, mesh, variant=f.hamer_variant, dtype=f.hamer_dtype,
+        custom=json.loads(f.hamer_custom) if f.hamer_custom else None)
+  options = dataset.Options(
+      split=f.split, base_choice=f.base_choice, per_device_batch=f.per_device_batch,
+      workers=f.workers, overwrite=f.overwrite,
+      priors=priors_job.Options(per_device_batch=f.per_device_batch, workers=f.workers))
+  report = dataset.run(f.data_dir, f.out, network, mesh, hamer, options)
+  if jax.process_index() == 0:
+    print(f"{report.predicted} frame(s) predicted, {report.skipped_existing} already done, "
+          f"{len(report.failed)} failed, in {report.seconds:.1f} s; outputs in {f.out}")
+  return 3 if report.failed else 0
 
 
 def main(argv: list[str]) -> int:
@@ -291,12 +416,22 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   logging.set_verbosity(logging.ERROR)  # Orbax logs each step of a read-only restore
+  modes = [name for name in ("image", "frames", "data_dir") if getattr(f, name)]
+  if len(modes) != 1:
+    raise app.UsageError("give exactly one of --image (aligned crops), --frames (raw frames: an "
+                         "image, a folder or a video) and --data_dir (an EgoDorsal-layout set)")
   try:
+    if f.frames:
+      return _raw_frames(f)
+    if f.data_dir:
+      return _dataset(f)
+    if f.base is None:
+      raise ValueError("--image needs --base")
     run(f.checkpoint, f.image, f.base, f.out, hamer=f.hamer, base_hamer=f.base_hamer,
         config=f.config, mano_path=f.mano, image_size=f.image_size, step=f.step,
         overlay=f.overlay, backbone_dtype=f.backbone_dtype)
   except (FileNotFoundError, ValueError, store.FrameLoadError,
-          lightning.LightningConversionError) as e:
+          lightning.LightningConversionError, convert_hamer.ConversionError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   return 0

@@ -138,3 +138,53 @@ def force_overlay(image: np.ndarray, lines: list[str]) -> np.ndarray:
   for row, text in enumerate(lines):
     _label(big, text, row)
   return big
+
+
+# ------------------------------------------------------------------------------ full frames
+
+_RAW_TO_UNDISTORTED: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+
+def _raw_to_undistorted(K: np.ndarray, d: np.ndarray, width: int, height: int
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """For every raw (distorted) pixel, where it lies in the undistorted image (cv2.remap maps)."""
+  key = (K.tobytes(), d.tobytes(), width, height)
+  if key not in _RAW_TO_UNDISTORTED:
+    if len(_RAW_TO_UNDISTORTED) > 4:
+      _RAW_TO_UNDISTORTED.pop(next(iter(_RAW_TO_UNDISTORTED)))
+    grid = np.stack(np.meshgrid(np.arange(width), np.arange(height)), -1).reshape(-1, 1, 2)
+    ideal = cv2.undistortPoints(grid.astype(np.float64), K, d, P=K).reshape(height, width, 2)
+    _RAW_TO_UNDISTORTED[key] = (ideal[..., 0].astype(np.float32),
+                                ideal[..., 1].astype(np.float32))
+  return _RAW_TO_UNDISTORTED[key]
+
+
+def full_frame_overlay(frame: np.ndarray, lines: list[str], *, keypoints_2d=None,
+                       prior_keypoints_2d=None, vertices_cam=None, faces=None,
+                       focal: float | None = None, K=None, d=None) -> np.ndarray:
+  """The raw frame (uint8 RGB) with the prediction drawn where it is: the predicted mesh
+  (vertices_cam (778, 3) in the readers' camera frame: focal `focal`, principal point at the
+  centre; rendered in the undistorted image, then carried into the raw frame through the lens
+  model K, d), the predicted skeleton (keypoints_2d (21, 2), raw pixels, coloured by finger),
+  the prior's skeleton (red) and `lines` of text."""
+  height, width = frame.shape[:2]
+  out = np.ascontiguousarray(frame.copy())
+  if vertices_cam is not None and focal is not None:
+    pinhole = np.array([[focal, 0, width / 2.0], [0, focal, height / 2.0], [0, 0, 1]])
+    layer = draw.render_mesh(np.asarray(vertices_cam, np.float64), faces, pinhole,
+                             (width, height), color=MESH_COLOR)
+    mask = np.any(layer > 0, axis=-1).astype(np.float32)
+    if K is not None and d is not None and np.any(d):
+      maps = _raw_to_undistorted(np.asarray(K, np.float64), np.asarray(d, np.float64), width,
+                                 height)
+      layer = cv2.remap(layer, *maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+      mask = cv2.remap(mask, *maps, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    alpha = 0.55 * mask[..., None]
+    out = np.clip(np.rint(alpha * layer + (1 - alpha) * out), 0, 255).astype(np.uint8)
+  if prior_keypoints_2d is not None:
+    out = draw.draw_hand_keypoints(out, prior_keypoints_2d, PRIOR_COLOR, radius=1)
+  if keypoints_2d is not None:
+    out = draw.draw_hand_keypoints(out, keypoints_2d, radius=2, thickness=2)
+  for row, text in enumerate(lines):
+    _label(out, text, row)
+  return out
