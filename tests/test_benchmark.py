@@ -88,3 +88,12 @@ def test_hamer_flops_match_a_hand_count():
   total = benchmark.hamer_flops_per_image(config)
   assert blocks / 1e9 == pytest.approx(247.63, abs=0.01)
   assert 3.0e9 < total - blocks - 2 * t * 768 * d < 3.2e9
+
+
+@pytest.mark.slow
+def test_end_to_end_row_runs():
+  """The raw-frames row: every synthetic frame predicted, the stage shares add up."""
+  row = benchmark.bench_end_to_end(tiny_settings())
+  assert row["predicted"] == row["frames"] == 3 and row["frames_per_s"] > 0
+  assert abs(sum(row["share"].values()) - 1.0) < 1e-6 and row["share"]["network_compiled"] > 0
+  assert "end to end, raw frames" in benchmark.table({"rows": {"e2e": row}, "settings": {}})
