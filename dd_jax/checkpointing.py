@@ -120,15 +120,21 @@ def restore_training(directory: str, step: int, abstract_train_state, abstract_f
   return state["train"], state["frozen"], restored["meta"]
 
 
-def restore_params(directory: str, step: int, abstract_params, abstract_frozen) -> tuple[Any, Any]:
-  """(trainable params, frozen) of a step; no optimizer state or iterator position is read."""
-  target = _state_item({"params": abstract(abstract_params)}, abstract(abstract_frozen))
+def restore_params(directory: str, step: int, abstract_params, abstract_frozen, *,
+                   ema: bool = False) -> tuple[Any, Any]:
+  """(trainable params, frozen) of a step; no optimizer state or iterator position is read.
+
+  ema: read the trainable parameters' EMA instead (kept, and validated, when the run had
+  optimizer.ema_decay > 0).
+  """
+  key = "ema" if ema else "params"
+  target = _state_item({key: abstract(abstract_params)}, abstract(abstract_frozen))
   state_dir = os.path.join(directory, str(step), "state")
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
         partial_restore=True))
-  return restored["train"]["params"], restored["frozen"]
+  return restored["train"][key], restored["frozen"]
 
 
 def resolve(path: str) -> tuple[str, int | None]:
@@ -246,7 +252,8 @@ def _converted_config(path: str, config: ml_collections.ConfigDict | None
 
 def load_params(checkpoint: Checkpoint, model: nnx.Module) -> None:
   """Overwrites the parameters of a built network (dtypes and shardings kept) with the
-  checkpoint's; its other variables (RoPE periods) too where the checkpoint holds them.
+  checkpoint's; its other variables (RoPE periods) too where the checkpoint holds them. A run
+  that kept an EMA of its weights gives the EMA: the weights it validated and tested.
 
   A converted original has no weights for an `attn` pool (the original draws a new one on every
   call): that layer keeps what `model` holds.
@@ -259,5 +266,8 @@ def load_params(checkpoint: Checkpoint, model: nnx.Module) -> None:
   is_trainable = optim.trainable_filter(
       depth, checkpoint.config.model.backbone.n_unfrozen_blocks)
   _, trainable, frozen = nnx.split(model, is_trainable, ...)
-  trainable, frozen = restore_params(checkpoint.directory, checkpoint.step, trainable, frozen)
+  # Configs saved before optimizer.ema_decay existed have no such field.
+  ema = bool(checkpoint.config.optimizer.get("ema_decay"))
+  trainable, frozen = restore_params(checkpoint.directory, checkpoint.step, trainable, frozen,
+                                     ema=ema)
   nnx.update(model, trainable, frozen)

@@ -74,7 +74,15 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.clip_norm = 1.0
-  c.optimizer.plateau_factor = 0.1
+  c.optimizer.plateau_factor = 0.1  # reduce-on-plateau scale, on top of any schedule
+  # Fine-tuning recipes (docs/training.md); these defaults are the original's plain AdamW.
+  c.optimizer.layer_decay = 1.0  # unfrozen block i of D: lr x layer_decay^(D - i); 1 = off
+  c.optimizer.head_lr_mult = 1.0  # the head's lr = lr x head_lr_mult
+  c.optimizer.weight_decay_exclude = False  # True: no decay on norms, biases, LayerScale
+  c.optimizer.schedule = "plateau"  # constant lr; or "cosine" / "linear" decay to 0
+  c.optimizer.warmup_steps = 0  # linear warmup from 0 (any schedule)
+  c.optimizer.decay_steps = 0  # end of the cosine / linear decay; 0 = max_epochs x steps/epoch
+  c.optimizer.ema_decay = 0.0  # > 0: keep an EMA of the trained weights; it is what is evaluated
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.fsdp = False  # also shard parameters over the data axis (vith16plus / vit7b16)

@@ -55,19 +55,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                                                      config.model.head.n_classes)
     log.info("loss.class_counts from the train split: %s", config.loss.class_counts)
   proc = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_loader = (pipeline.make_train_loader(config.data, config.task, seed=config.seed, **proc)
+                  if config.train else None)
+  if config.train and config.optimizer.schedule != "plateau" and not config.optimizer.decay_steps:
+    config.optimizer.decay_steps = config.max_epochs * train_loader.steps_per_epoch
+    log.info("optimizer.decay_steps = max_epochs x steps per epoch = %d",
+             config.optimizer.decay_steps)
   setup = train_state.build(config, mesh)
   task, state, frozen = setup.task, setup.state, setup.frozen
-  n_trainable = params_lib.count_params(state["params"])
-  n_total = params_lib.count_params(nnx.state(setup.model(), nnx.Param))
-  log.info("parameters: %s total, %s trainable", f"{n_total:,}", f"{n_trainable:,}")
-  writer.text("config", f"```\n{config}\n```\n\nparameters: {n_total:,} total, "
-              f"{n_trainable:,} trainable")
+  all_params = nnx.state(setup.model(), nnx.Param)
+  n_total = params_lib.count_params(all_params)
+  groups = optim.group_table(config, all_params)
+  log.info("parameters: %s total; optimizer groups:\n%s", f"{n_total:,}", groups)
+  writer.text("config",
+              f"```\n{config}\n```\n\nparameters: {n_total:,} total\n\n```\n{groups}\n```")
 
   # ---------------------------------------------------------------- restore
   manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.best_metric,
                                        config.best_mode)
-  train_loader = (pipeline.make_train_loader(config.data, config.task, seed=config.seed, **proc)
-                  if config.train else None)
   train_iter = iter(train_loader) if train_loader is not None else None
   epoch, progress = 0, {"best": None, "stale_epochs": 0}
   source = checkpointing.resume_point(config, manager)
@@ -92,12 +97,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if config.train:  # test the best epoch, as the original does
         restored, frozen, meta = checkpointing.restore_training(
             str(manager.directory), manager.best_step(), setup.abstract_state, frozen)
-        params, epoch = restored["params"], meta["epoch"]
+        params, epoch = optim.evaluated_params(restored), meta["epoch"]
       elif source is None:
         raise ValueError("config.test without config.train needs config.ckpt_path (a run folder "
                          "or one of its checkpoint steps)")
       else:
-        params = state["params"]
+        params = optim.evaluated_params(state)
       test_loader = pipeline.make_eval_loader(config.data, config.task, config.data.test_split,
                                               **proc)
       tested = evaluation.evaluate(setup.eval_step, (params, frozen, task.consts), test_loader,
@@ -161,6 +166,7 @@ def _train_epochs(loop: _Loop, state, frozen, start_epoch: int, progress: dict
   step = int(state["step"])
   skip = step - start_epoch * loop.steps_per_epoch  # resumed mid-epoch: steps already done
   compiled_step = None  # compiled on the first batch: every train batch has its shapes
+  lr_schedule = optim.lr_schedule(config)
   for epoch in range(start_epoch, config.max_epochs):
     console = logs.Progress(loop.steps_per_epoch, epoch, config.max_epochs)
     window: list[dict[str, jax.Array]] = []
@@ -175,7 +181,9 @@ def _train_epochs(loop: _Loop, state, frozen, start_epoch: int, progress: dict
       if step % config.log_every_steps == 0 or last:
         means = _check_and_mean(window, step, epoch)
         window = []
-        means["lr"] = config.optimizer.lr * float(state["plateau"].scale)
+        # The base lr of the step's update: schedule x reduce-on-plateau scale.
+        means["lr"] = (config.optimizer.lr * float(lr_schedule(step - 1))
+                       * float(state["plateau"].scale))
         writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
         console.update(i + 1, {"loss": means["loss"]})
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not last:
@@ -186,7 +194,8 @@ def _train_epochs(loop: _Loop, state, frozen, start_epoch: int, progress: dict
     # Validation, scheduler, best checkpoint, early stopping.
     val_loader = pipeline.make_eval_loader(config.data, config.task, config.data.val_split,
                                            **loop.proc)
-    validated = evaluation.evaluate(setup.eval_step, (state["params"], frozen, consts),
+    validated = evaluation.evaluate(setup.eval_step,
+                                    (optim.evaluated_params(state), frozen, consts),
                                     val_loader, mesh, task.finalize, keep_first_batch=True)
     for name, picture in task.pictures(*validated.first_batch):
       writer.image(step, f"val/{name}", picture)

@@ -1,9 +1,10 @@
 """The network, its train state and the compiled train and eval steps on a mesh: what training,
 evaluation and the benchmark all start from.
 
-A train state is a plain dict pytree: step, the TRAINABLE parameters, their optimizer state and
-the reduce-on-plateau state. Frozen parameters and other variables (RoPE periods) travel beside
-it, are never differentiated and are not donated.
+A train state is a plain dict pytree: step, the TRAINABLE parameters, their optimizer state,
+the reduce-on-plateau state and, when optimizer.ema_decay > 0, the parameters' EMA. Frozen
+parameters and other variables (RoPE periods) travel beside it, are never differentiated and are
+not donated.
 
 `build(config, mesh)` creates the network directly in its shardings (nothing is materialised
 unsharded, so vit7b16 with FSDP fits), loads backbone weights, splits the trainable subset from
@@ -51,10 +52,10 @@ class TrainSetup:
 # ------------------------------------------------------------------ the steps
 
 
-def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    loss_fn: Callable) -> Callable:
+def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable) -> Callable:
   """(state, frozen, batch, consts) -> (state, metrics); `loss_fn(model, batch, consts) -> (loss, aux)`.
 
+  update: `optim.make_update`'s (state, grads) -> state after the optimizer step.
   consts: the task's fixed arrays (MANO model, class weights), arguments rather than constants
   folded into the compiled program.
 
@@ -69,20 +70,11 @@ def make_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return loss_fn(model, batch, consts)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
-
-    def update(params, opt_state):
-      updates, opt_state = tx.update(grads, opt_state, params)
-      scale = state["plateau"].scale
-      updates = jax.tree.map(lambda u: u * scale.astype(u.dtype), updates)
-      return optax.apply_updates(params, updates), opt_state
-
     # A branch rather than a select between new and old: selecting keeps a copy of the old
     # optimizer state alive through the whole step (~75 MiB for ViT-S with 3 trained blocks).
     finite = jnp.isfinite(loss)
-    params, opt_state = jax.lax.cond(finite, update, lambda p, o: (p, o), state["params"],
-                                     state["opt_state"])
-    new_state = dict(state, step=state["step"] + finite.astype(state["step"].dtype),
-                     params=params, opt_state=opt_state)
+    new_state = jax.lax.cond(finite, update, lambda s, g: s, state, grads)
+    new_state = dict(new_state, step=state["step"] + finite.astype(state["step"].dtype))
     metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
     return new_state, metrics
 
@@ -119,6 +111,7 @@ def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   model = nnx.merge(graphdef, model_state)
   if config.model.backbone.weights:
     deltadorsal.load_backbone_weights(model, config.model.backbone.weights)
+  optim.group_sizes(config, nnx.state(model, nnx.Param))  # every parameter in a defined group
   depth = deltadorsal.backbone_config_from(config).depth
   is_trainable = optim.trainable_filter(depth, config.model.backbone.n_unfrozen_blocks)
   return nnx.split(model, is_trainable, ...)
@@ -129,7 +122,7 @@ def init_fn(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
   """trainable parameters -> a fresh train state (step 0, zero optimizer moments)."""
   def init(trainable):
     return dict(step=jnp.zeros((), jnp.int32), params=trainable, opt_state=tx.init(trainable),
-                plateau=optim.plateau_init(config))
+                plateau=optim.plateau_init(config), **optim.ema_init(config, trainable))
   return init
 
 
@@ -145,7 +138,8 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
   state = jax.jit(init, out_shardings=shardings)(trainable)
-  train_step = jax.jit(make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
+  train_step = jax.jit(make_train_step(graphdef, optim.make_update(config, tx), task.loss),
+                       donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, task.evaluate))
   host.release_freed_host_memory()  # what compiling the initialisers freed
   return TrainSetup(config, mesh, task, graphdef, state, abstract_state, frozen, tx, train_step,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from dd_jax import checkpointing, experiment, parallel, train_state
+from dd_jax import checkpointing, experiment, inference, parallel, train_state
 from dd_jax.data import pipeline
 
 import tiny
@@ -76,10 +76,19 @@ def test_three_steps_on_eight_devices_match_one(tiny_dataset):
   assert losses[1][2] != losses[1][0]
 
 
+# The fine-tuning recipe resumes too: the schedule's position, the EMA (what validation sees)
+# and the plateau state all come back from the checkpoint.
+RECIPE = ["--config.optimizer.schedule=cosine", "--config.optimizer.warmup_steps=1",
+          "--config.optimizer.ema_decay=0.5", "--config.optimizer.layer_decay=0.5",
+          "--config.optimizer.weight_decay_exclude=True"]
+
+
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("recipe", [[], RECIPE], ids=["paper", "cosine_ema"])
+def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_dataset, tmp_path,
+                                                                     recipe):
   config_arg = [f"--config=tests/tiny_config.py:pose,{tiny_dataset}", "--config.max_epochs=2",
-                "--config.test=False", "--config.checkpoint_every_steps=2"]
+                "--config.test=False", "--config.checkpoint_every_steps=2"] + recipe
   reference = str(tmp_path / "uninterrupted")
   tiny.run_train(config_arg + [f"--workdir={reference}"])
   killed = str(tmp_path / "killed")
@@ -89,11 +98,38 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_datase
   first = tiny.train_losses(killed)
   # died mid-epoch 2 of 2 steps/epoch
   assert max(first) == 3 and max(first) < max(tiny.train_losses(reference))
-  tiny.run_train(config_arg + [f"--workdir={killed}"])
-  expected, resumed = tiny.train_losses(reference), tiny.train_losses(killed)
-  assert sorted(resumed) == sorted(expected)
-  for step in expected:
-    np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+  resumed_run = tiny.run_train(config_arg + [f"--workdir={killed}"])
+  assert "(epoch 1, step 2)" in resumed_run.stderr, resumed_run.stderr[-2000:]  # it did resume
+  for read in (tiny.train_losses, tiny.val_losses):
+    expected, resumed = read(reference), read(killed)
+    assert sorted(resumed) == sorted(expected)
+    for step in expected:
+      np.testing.assert_allclose(resumed[step], expected[step], rtol=1e-6, err_msg=f"step {step}")
+  if recipe:
+    lrs = tiny.train_losses(reference, "train/lr")  # warmup from 0, then cosine towards 0
+    assert lrs[1] == 0.0 and lrs[2] == pytest.approx(1e-3) and lrs[2] > lrs[3] > lrs[4] > 0.0, lrs
+    # The whole final train state (params, Adam moments, EMA, plateau) is the uninterrupted one:
+    # the EMA shows in the val losses above only at the 1e-6 level.
+    built = train_state.build(tiny.config("pose", tiny_dataset, **{
+        "optimizer.ema_decay": 0.5, "optimizer.weight_decay_exclude": True}),
+        parallel.make_mesh(jax.devices()[:1]))
+
+    def restore(workdir, step):
+      return checkpointing.restore_training(checkpointing.resolve(workdir)[0], step,
+                                            built.abstract_state, built.frozen)[0]
+
+    expected, resumed = restore(reference, 4), restore(killed, 4)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected),
+                                 jax.tree.leaves(resumed)):
+      np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9,
+                                 err_msg=jax.tree_util.keystr(path))
+    # Inference loads the weights that were validated: the EMA.
+    predictor = inference.load(killed)
+    best = restore(killed, checkpointing.resolve(predictor.source)[1])
+    loaded, ema, params = (_flat(x) for x in (predictor.states[0], best["ema"], best["params"]))
+    for name, value in ema.items():
+      np.testing.assert_array_equal(loaded[name], value, err_msg=name)
+    assert not all(np.array_equal(ema[n], params[n]) for n in ema)
 
 
 def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path, monkeypatch):

@@ -112,15 +112,19 @@ def run_train(args, env_extra=None, check=True):
   return result
 
 
-def train_losses(workdir):
-  """step -> the last logged train loss of that step (a resumed run re-logs some steps)."""
+def train_losses(workdir, key="train/loss"):
+  """step -> the last logged `key` of that step (a resumed run re-logs some steps)."""
   out = {}
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
-      if "train/loss" in row:
-        out[row["step"]] = row["train/loss"]
+      if key in row:
+        out[row["step"]] = row[key]
   return out
+
+
+def val_losses(workdir):
+  return train_losses(workdir, "val/loss")
 
 
 def read_test_metrics(workdir):

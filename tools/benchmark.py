@@ -484,7 +484,8 @@ def compile_time(s: Settings, depth: int, n_unfrozen: int) -> dict[str, float]:
   tx = optim.make_optimizer(config)
   state = jax.eval_shape(train_state.init_fn(config, tx), trainable)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch(s))
-  step = jax.jit(train_state.make_train_step(graphdef, tx, task.loss), donate_argnums=(0,))
+  step = jax.jit(train_state.make_train_step(graphdef, optim.make_update(config, tx), task.loss),
+                 donate_argnums=(0,))
   start = time.perf_counter()
   lowered = step.lower(state, frozen, batch, task.consts)
   traced = time.perf_counter()
