@@ -69,17 +69,27 @@ def kill_after_step_from_environment():
   """Fault injection for the resume and dying-process tests, in the training subprocess: with
   DD_JAX_SIGKILL_AT_STEP=N the process SIGKILLs itself once train step N is done (logged and
   checkpointed as configured), at the trainer's next move: the next train step or the epoch's
-  validation. The library has no such hook; this wraps its compiled step and eval loader."""
+  validation, once its saves in flight are finished (so that a resume test resumes, rather than
+  starting afresh when a loaded machine had not finished the save). The library has no such
+  hook; this wraps its compiled step, eval loader and checkpoint saving."""
   kill_at = int(os.environ.get(SIGKILL_AT_STEP, "0"))
-  from dd_jax import train_state  # pylint: disable=import-outside-toplevel
+  from dd_jax import checkpointing, train_state  # pylint: disable=import-outside-toplevel
   from dd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
   if not kill_at or getattr(train_state.compile_step, "kills_at", None) == kill_at:
     return
-  done = {"step": 0}
+  done = {"step": 0, "manager": None}
 
   def kill_when_done():
     if done["step"] == kill_at:
+      if done["manager"] is not None:
+        done["manager"].wait_until_finished()
       os.kill(os.getpid(), signal.SIGKILL)
+
+  save = checkpointing.save
+
+  def save_and_remember(manager, *args, **kwargs):
+    done["manager"] = manager
+    save(manager, *args, **kwargs)
 
   compile_step, make_eval_loader = train_state.compile_step, pipeline.make_eval_loader
 
@@ -100,6 +110,7 @@ def kill_after_step_from_environment():
   compile_step_that_kills.kills_at = kill_at
   train_state.compile_step = compile_step_that_kills
   pipeline.make_eval_loader = make_eval_loader_that_kills
+  checkpointing.save = save_and_remember
 
 
 def run_train(args, env_extra=None, check=True):
