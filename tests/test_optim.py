@@ -1,6 +1,8 @@
 """The optimizer groups: defaults equal the original's AdamW, per-group lr and decay, layer
 decay, schedules against optax's own, the EMA against NumPy, labelling errors at start-up."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +10,15 @@ import optax
 import pytest
 from flax import nnx
 
-from dd_jax import default_config, optim, parallel, train_state
+from dd_jax import (
+  checkpointing,
+  default_config,
+  evaluation,
+  experiment,
+  optim,
+  parallel,
+  train_state,
+)
 from dd_jax.data import pipeline
 from dd_jax.models import deltadorsal
 
@@ -114,6 +124,23 @@ def test_each_group_gets_its_lr_with_layer_decay_and_head_multiplier():
     np.testing.assert_allclose(moved[name] - value, lr, rtol=1e-4, err_msg=name)
 
 
+def test_layer_decay_per_block_equals_beits_layer_ids():
+  """BEiT's assigner, written out: layer id 0 for the embeddings, i + 1 for block i, depth + 1
+  for everything after the blocks; lr scale decay^(depth + 1 - layer id)."""
+  decay, depth = 0.75, 24
+  config = _config(layer_decay=decay)
+  config.model.backbone.variant = "vitl16"
+  config.model.backbone.custom = {}
+  config.model.backbone.n_unfrozen_blocks = depth
+  scales = [decay ** (depth + 1 - layer_id) for layer_id in range(depth + 2)]
+  groups = optim.optimizer_groups(config)
+  for i in range(depth):
+    assert groups[f"backbone_block_{i}"].lr == pytest.approx(LR * scales[i + 1], rel=1e-12), i
+  for name in ("backbone_norm", "change", "head"):
+    assert groups[name].lr == pytest.approx(LR * scales[depth + 1], rel=1e-12), name
+  assert groups["backbone_block_0"].lr == pytest.approx(LR * 0.75 ** 24, rel=1e-12)
+
+
 @pytest.mark.parametrize("exclude", [False, True])
 def test_no_decay_parameters_get_no_decay(exclude):
   config = _config(weight_decay=0.1, weight_decay_exclude=exclude)
@@ -138,6 +165,72 @@ def test_no_decay_labels_are_the_models_norms_biases_and_layerscales(tiny_datase
   for path, value in nnx.to_flat_state(abstract):
     if labels[path] != optim.FROZEN:  # tokens are 3-D but never train
       assert labels[path].endswith(optim.NO_DECAY) == (value.ndim == 1), (path, labels[path])
+
+
+def _independent_group(path: tuple, value, *, depth: int, n_unfrozen: int, exclude: bool) -> str:
+  """The documented labelling, written again from docs/training.md's table."""
+  if path[0] in ("change", "head"):
+    group = path[0]
+  elif path[1] == "blocks" and int(path[2]) >= depth - n_unfrozen:
+    group = f"backbone_block_{path[2]}"
+  elif path[1] == "norm" and n_unfrozen:
+    group = "backbone_norm"
+  else:
+    return "frozen"
+  return group + "/no_decay" if exclude and value.ndim == 1 else group
+
+
+def test_the_start_up_table_counts_every_group_with_its_lr_and_decay(tiny_dataset):
+  config = tiny.config("pose", tiny_dataset, **{
+      "optimizer.weight_decay_exclude": True, "optimizer.layer_decay": 0.5,
+      "optimizer.head_lr_mult": 10.0, "optimizer.weight_decay": 0.02,
+      "model.backbone.n_unfrozen_blocks": 1})
+  abstract = nnx.state(nnx.eval_shape(lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(0))),
+                       nnx.Param)
+  expected = {}
+  for path, value in nnx.to_flat_state(abstract):
+    name = _independent_group(path, value, depth=2, n_unfrozen=1, exclude=True)
+    expected[name] = expected.get(name, 0) + value.size
+  lr = {"backbone_block_1": 0.5 * LR, "backbone_norm": LR, "change": LR, "head": 10 * LR}
+  lines = optim.group_table(config, abstract).splitlines()
+  assert lines[0].split() == ["group", "params", "lr", "weight", "decay"]
+  rows = {line.split()[0]: line.split()[1:] for line in lines[1:-1]}
+  assert set(rows) == set(expected) | {"trainable"}, rows
+  for name, size in expected.items():
+    count, *rest = rows[name]
+    assert int(count.replace(",", "")) == size, name
+    if name == "frozen":
+      assert rest == ["-", "-"]
+    else:
+      assert float(rest[0]) == pytest.approx(lr[name.split("/")[0]]), name
+      assert float(rest[1]) == (0.0 if name.endswith("/no_decay") else 0.02), name
+  n_trainable = sum(size for name, size in expected.items() if name != "frozen")
+  assert rows["trainable"] == [f"{n_trainable:,}"]
+  assert lines[-1].startswith("lr schedule: constant; x0.1 after 5 validations")
+
+
+def test_optimizer_state_only_for_trainable_parameters_whatever_the_groups(tiny_dataset):
+  """With every group defined (layer decay, no-decay twins), the Adam moments still cover the
+  trainable parameters once; a frozen-labelled parameter handed to the optimizer anyway gets
+  no state and no update (optax.set_to_zero)."""
+  config = tiny.config("pose", tiny_dataset, **{
+      "optimizer.weight_decay_exclude": True, "optimizer.layer_decay": 0.5})
+  model = deltadorsal.build_model(config, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  labels = dict(nnx.to_flat_state(optim.group_labels(config, params)))
+  n_trainable = sum(v.size for p, v in nnx.to_flat_state(params) if labels[p] != optim.FROZEN)
+  n_frozen = sum(v.size for p, v in nnx.to_flat_state(params) if labels[p] == optim.FROZEN)
+  assert n_frozen > 0 and n_trainable > 0
+  tx = optim.make_optimizer(config)
+  opt_state = tx.init(params)
+  n_adam_groups = len(optim.optimizer_groups(config)) - 1  # one step counter each
+  assert sum(x.size for x in jax.tree.leaves(opt_state)) == 2 * n_trainable + n_adam_groups
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = tx.update(grads, opt_state, params)
+  for path, update in nnx.to_flat_state(updates):
+    moved = bool(np.any(np.asarray(update.get_value() if hasattr(update, "get_value")
+                                   else update)))
+    assert moved == (labels[path] != optim.FROZEN), path
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])
@@ -185,6 +278,30 @@ def test_ema_of_the_trained_weights_equals_numpy(tiny_dataset):
   for name, value in ema.items():
     np.testing.assert_allclose(got[name], value, rtol=1e-6, atol=1e-7, err_msg=name)
   assert not np.allclose(got["head/mlp1/kernel"], params["head/mlp1/kernel"])
+
+
+def test_validation_and_the_best_checkpoint_use_the_ema(tiny_dataset, tmp_path, caplog):
+  """A run with an EMA validates the EMA (the logged val/loss is the EMA's, not the raw
+  weights'), and prints its optimizer groups at start-up. A large lr makes the two differ."""
+  config = tiny.config("pose", tiny_dataset, max_epochs=1, test=False, **{
+      "optimizer.ema_decay": 0.5, "optimizer.lr": 0.05})
+  workdir = str(tmp_path / "run")
+  caplog.set_level(logging.INFO, logger="dd_jax")
+  experiment.train_and_evaluate(config, workdir, _mesh())
+  assert "optimizer groups:\ngroup" in caplog.text and "EMA of the weights: 0.5" in caplog.text
+  (step, logged), = tiny.val_losses(workdir).items()
+  built = train_state.build(config, _mesh())
+  restored, frozen, _ = checkpointing.restore_training(
+      checkpointing.resolve(workdir)[0], step, built.abstract_state, built.frozen)
+
+  def val_loss(params):
+    loader = pipeline.make_eval_loader(config.data, config.task, config.data.val_split)
+    return evaluation.evaluate(built.eval_step, (params, frozen, built.task.consts), loader,
+                               built.mesh, built.task.finalize).metrics["loss"]
+
+  ema_loss, raw_loss = val_loss(restored["ema"]), val_loss(restored["params"])
+  assert abs(ema_loss - raw_loss) > 1e-3 * abs(raw_loss), (ema_loss, raw_loss)
+  np.testing.assert_allclose(logged, ema_loss, rtol=1e-5)
 
 
 def test_a_labelling_typo_is_a_start_up_error(tiny_dataset, monkeypatch):
