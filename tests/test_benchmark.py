@@ -43,6 +43,12 @@ def test_quick_rows_run_and_agree(tmp_path):
   assert got["compile"]["by_depth"][0]["compile_s"] > 0
   text = benchmark.table(results)
   assert "pose train step" in text and "MANO forward, batch 3" in text
+  # The ISA facts and the dots' kernels head the table and are in the JSON.
+  isa = results["machine"]["isa"]
+  assert {"cpu", "family", "model", "avx2", "avx512", "amx", "isa_caps"} <= set(isa)
+  assert text.startswith(f"CPU: {isa['cpu']}") and "AVX-512 " in text
+  assert sum(k["dots"] for k in got["train"]["compile"]["dot_kernels"].values()) > 0
+  assert "XLA dots, train step: " in text
   assert "batch 1, synchronous CPU dispatch" in text
 
 

@@ -242,7 +242,7 @@ class JaxPose:
     self.release_freed_host_memory()  # as the trainer does after compiling (not timed)
     self.compiled_step = compiled  # the jit cache does not see AOT compilations: call this one
     return {"trace_lower_s": traced - start, "compile_s": done - traced,
-            "xla_flops": _xla_flops(compiled)}
+            "xla_flops": _xla_flops(compiled), "dot_kernels": _dot_kernels(compiled)}
 
   def train_step(self, host) -> dict[str, float]:
     step = self.compiled_step or self.built.train_step
@@ -253,12 +253,22 @@ class JaxPose:
     start = time.perf_counter()
     self.compiled_forward = self.forward.lower(self.state["params"], self.frozen, host["img"],
                                                host["base_img"], host["hamer_pose"]).compile()
-    return {"compile_s": time.perf_counter() - start, "xla_flops": _xla_flops(self.compiled_forward)}
+    return {"compile_s": time.perf_counter() - start, "xla_flops": _xla_flops(self.compiled_forward),
+            "dot_kernels": _dot_kernels(self.compiled_forward)}
 
   def infer(self, host):
     forward = self.compiled_forward or self.forward
     return forward(self.state["params"], self.frozen, host["img"], host["base_img"],
                    host["hamer_pose"]).block_until_ready()
+
+
+def _dot_kernels(compiled) -> dict[str, dict[str, float]]:
+  """The compiled program's dots by the library that runs them (kernels.dot_kernels)."""
+  from dd_jax import kernels  # pylint: disable=import-outside-toplevel
+  try:
+    return kernels.dot_kernels(compiled.as_text())
+  except Exception:  # pylint: disable=broad-except
+    return {}  # e.g. a backend without HLO text: the rest of the row still counts
 
 
 def _xla_flops(compiled) -> float:
@@ -682,20 +692,17 @@ def bench_end_to_end(s: Settings) -> dict[str, Any]:
 
 def machine_info(jax_only: bool = False) -> dict[str, Any]:
   import jax  # pylint: disable=import-outside-toplevel
-  cpu = "unknown"
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                 cpu)
-  except OSError:
-    pass
-  info = {"cpu": cpu, "cores_usable": cpu_threads(), "platform": platform.platform(),
+
+  from dd_jax import kernels  # pylint: disable=import-outside-toplevel
+  isa = kernels.cpu_facts()
+  info = {"cpu": isa["cpu"], "isa": isa, "cores_usable": cpu_threads(), "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
           "jax_device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "loadavg_start": os.getloadavg()}
   if not jax_only:
     import torch  # pylint: disable=import-outside-toplevel
-    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+    info.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                torch_cpu_capability=torch.backends.cpu.get_cpu_capability())
   return info
 
 
@@ -703,9 +710,24 @@ def fmt_rate(x: float, unit: str) -> str:
   return f"{x:,.1f} {unit}" if x < 100 else f"{x:,.0f} {unit}"
 
 
+def header(results: dict[str, Any]) -> list[str]:
+  """The lines above the table: CPU and ISA facts, and the kernels of the step's dots."""
+  from dd_jax import kernels  # pylint: disable=import-outside-toplevel
+  machine, lines = results.get("machine", {}), []
+  if "isa" in machine:
+    torch_isa = (f"; torch kernels {machine['torch_cpu_capability']}"
+                 if machine.get("torch_cpu_capability") else "")
+    lines.append(f"CPU: {kernels.describe_cpu(machine['isa'])}{torch_isa}")
+  for name, what in (("train", "train step"), ("infer", "inference")):
+    found = results.get("rows", {}).get(name, {}).get("compile", {}).get("dot_kernels")
+    if found:
+      lines.append(f"XLA dots, {what}: {kernels.describe_dot_kernels(found)}")
+  return lines + [""] if lines else []
+
+
 def table(results: dict[str, Any]) -> str:
   """The README table: one line per measurement with dd_jax, PyTorch, ratio and the goal."""
-  lines = ["| row | dd_jax | PyTorch | ratio | goal |", "|---|---|---|---|---|"]
+  lines = header(results) + ["| row | dd_jax | PyTorch | ratio | goal |", "|---|---|---|---|---|"]
   rows = results["rows"]
   for name, title, goal in (("train", "pose train step", ">= 1.15x, >= 80% of peak"),
                             ("infer", "pose inference", ">= 1.2x, >= 80% of peak")):

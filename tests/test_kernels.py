@@ -1,0 +1,73 @@
+"""dd_jax.kernels: CPU facts from /proc/cpuinfo text and the dot-kernel census of compiled HLO."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dd_jax import kernels
+
+ZEN3 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7763 64-Core Processor
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2 sha_ni
+
+processor\t: 1
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7763 64-Core Processor
+flags\t\t: fpu sse sse2 avx fma avx2 bmi2 sha_ni avx512f
+"""
+
+SAPPHIRE_RAPIDS = """processor\t: 0
+vendor_id\t: GenuineIntel
+cpu family\t: 6
+model\t\t: 143
+model name\t: Intel(R) Xeon(R) Platinum 8481C
+flags\t\t: avx avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile amx_int8
+"""
+
+
+def test_cpu_facts_from_cpuinfo_text(tmp_path):
+  path = tmp_path / "cpuinfo"
+  path.write_text(ZEN3)
+  facts = kernels.cpu_facts(str(path), environ={})
+  # Only the first processor's block counts (the second one's avx512f is ignored).
+  assert facts == {"cpu": "AMD EPYC 7763 64-Core Processor", "vendor": "AuthenticAMD",
+                   "family": 25, "model": 1, "avx2": True, "avx512": False, "amx": False,
+                   "flags_from": str(path), "isa_caps": {}}
+  path.write_text(SAPPHIRE_RAPIDS)
+  facts = kernels.cpu_facts(str(path), environ={})
+  assert (facts["family"], facts["model"], facts["avx512"], facts["amx"]) == (6, 143, True, True)
+  assert kernels.describe_cpu(facts) == ("Intel(R) Xeon(R) Platinum 8481C (family 6, model 143): "
+                                         "AVX2 yes, AVX-512 yes, AMX yes; ISA caps: none")
+
+
+def test_cpu_facts_fallback_and_caps(tmp_path):
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_cpu_max_isa=AVX2",
+         "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": ""}
+  facts = kernels.cpu_facts(str(tmp_path / "absent"), environ=env)
+  assert facts["flags_from"] in ("numpy", "unreadable")
+  assert facts["isa_caps"] == {"xla_cpu_max_isa": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+  assert "ISA caps: xla_cpu_max_isa=AVX2, ATEN_CPU_CAPABILITY=avx2" in kernels.describe_cpu(facts)
+
+
+def test_dot_kernels_of_a_compiled_function():
+  """Dot FLOPs per library add up to the hand count; 'A @ B' and batched 'q k^T' run in
+  YNNPACK, the weight-gradient form 'A^T @ B' and the convolution in XLA's own kernels."""
+  def f(a, b, c):
+    return (a @ b, a.T @ c,
+            jnp.einsum("bqd,bkd->bqk", c.reshape(4, 32, 32), c.reshape(4, 32, 32)),
+            jax.lax.conv_general_dilated(a[None, :, :, None], jnp.ones((3, 3, 1, 8)), (1, 1),
+                                         "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  a = jnp.ones((64, 64))
+  found = kernels.dot_kernels(jax.jit(f).lower(a, a, a).compile().as_text())
+  total = sum(k["gflop"] for k in found.values())
+  want = 2 * 64 ** 3 * 2 + 2 * 4 * 32 ** 3 + 2 * 64 * 64 * 8 * 9
+  np.testing.assert_allclose(total, want / 1e9, rtol=1e-9)
+  assert sum(k["dots"] for k in found.values()) == 4
+  if "ynnpack" in found:  # jaxlib 0.10's default on x86; other builds may choose otherwise
+    np.testing.assert_allclose(found["ynnpack"]["gflop"], (2 * 64 ** 3 + 2 * 4 * 32 ** 3) / 1e9)
+  assert "% of dot FLOPs" in kernels.describe_dot_kernels(found)
