@@ -8,6 +8,7 @@ or XLA's own Eigen/LLVM dots) and their share of the FLOPs. The benchmark record
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import Any
@@ -174,3 +175,46 @@ def describe_dot_kernels(kernels: dict[str, dict[str, float]]) -> str:
   parts = sorted(kernels.items(), key=lambda kv: -kv[1]["gflop"])
   return ", ".join(f"{name} {k['dots']} dots ({100 * k['gflop'] / total:.0f}% of dot FLOPs)"
                    for name, k in parts) or "no dots"
+
+
+# ---------------------------------------------------------------------------------------------
+# The DINOv3 implementation for this machine: the one switch (docs/benchmarks.md, "Per ISA")
+# ---------------------------------------------------------------------------------------------
+
+# "avx512": the ViT block's backward passes written out to recompute rather than keep (GELU,
+# attention weights): the least memory, and the fastest where XLA:CPU's own code runs AVX-512
+# (and on accelerators). "generic": the backward passes that recompute elementwise work are
+# left to autodiff, which keeps those activations: on CPUs without AVX-512, where XLA:CPU's
+# elementwise code and its own dots run at half the width, recomputing costs more than it saves.
+DINOV3_IMPLS = ("avx512", "generic")
+IMPL_ENV = "DD_JAX_DINOV3_IMPL"  # forces one for every model in the process (tests, benchmarks)
+
+
+def auto_impl(backend: str, facts: dict[str, Any]) -> str:
+  """What "auto" means for a backend ('cpu', 'gpu', 'tpu') and CPU facts (cpu_facts())."""
+  if backend != "cpu":
+    return "avx512"  # accelerators: the memory-lean backward passes
+  capped = facts["isa_caps"].get("xla_cpu_max_isa", "").upper()
+  if capped and not capped.startswith(("AVX512", "AMX")):
+    return "generic"  # XLA told to emit no AVX-512: as on a CPU without it
+  return "avx512" if facts["avx512"] else "generic"
+
+
+@functools.cache
+def _auto_impl() -> str:
+  import jax  # pylint: disable=import-outside-toplevel
+  return auto_impl(jax.default_backend(), cpu_facts())
+
+
+def resolve_dinov3_impl(requested: str | None = "auto") -> str:
+  """The implementation to build: `requested` ("auto", None or one of DINOV3_IMPLS), unless the
+  environment variable DD_JAX_DINOV3_IMPL forces one; "auto" picks by backend and CPU flags
+  (resolved once per process)."""
+  forced_impl = os.environ.get(IMPL_ENV, "").strip()
+  choice = forced_impl or requested or "auto"
+  if choice == "auto":
+    return _auto_impl()
+  if choice not in DINOV3_IMPLS:
+    source = f"environment variable {IMPL_ENV}" if forced_impl else "model.backbone.impl"
+    raise ValueError(f"{source}={choice!r}: expected 'auto' or one of {DINOV3_IMPLS}")
+  return choice

@@ -15,6 +15,16 @@ if not flags.FLAGS.is_parsed():
 import pytest  # noqa: E402
 
 
+def pytest_report_header(config):
+  """Which DINOv3 implementation the models get (DD_JAX_DINOV3_IMPL=avx512|generic forces one
+  for the whole run; docs/testing.md)."""
+  del config
+  from dd_jax import kernels  # pylint: disable=import-outside-toplevel
+  forced = os.environ.get(kernels.IMPL_ENV)
+  how = f"forced by {kernels.IMPL_ENV}" if forced else "auto"
+  return f"dd_jax DINOv3 implementation: {kernels.resolve_dinov3_impl()} ({how})"
+
+
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
   """The tiny synthetic EgoDorsal set of tests/tiny.py, generated once per session."""

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dd_jax import kernels
 
@@ -71,3 +72,49 @@ def test_dot_kernels_of_a_compiled_function():
   if "ynnpack" in found:  # jaxlib 0.10's default on x86; other builds may choose otherwise
     np.testing.assert_allclose(found["ynnpack"]["gflop"], (2 * 64 ** 3 + 2 * 4 * 32 ** 3) / 1e9)
   assert "% of dot FLOPs" in kernels.describe_dot_kernels(found)
+
+
+def test_auto_impl_by_backend_cpu_flags_and_caps():
+  facts = lambda avx512, caps=None: {"avx512": avx512, "isa_caps": caps or {}}
+  assert kernels.auto_impl("cpu", facts(True)) == "avx512"
+  assert kernels.auto_impl("cpu", facts(False)) == "generic"
+  assert kernels.auto_impl("cpu", facts(True, {"xla_cpu_max_isa": "AVX2"})) == "generic"
+  assert kernels.auto_impl("cpu", facts(True, {"xla_cpu_max_isa": "AVX512_BF16"})) == "avx512"
+  assert kernels.auto_impl("gpu", facts(False)) == "avx512"
+
+
+def test_resolve_dinov3_impl_env_overrides_config(monkeypatch):
+  monkeypatch.delenv(kernels.IMPL_ENV, raising=False)
+  assert kernels.resolve_dinov3_impl("generic") == "generic"
+  assert kernels.resolve_dinov3_impl("auto") in kernels.DINOV3_IMPLS
+  monkeypatch.setenv(kernels.IMPL_ENV, "generic")
+  assert kernels.resolve_dinov3_impl("avx512") == "generic"
+  monkeypatch.setenv(kernels.IMPL_ENV, "avx2")
+  with pytest.raises(ValueError, match="DD_JAX_DINOV3_IMPL='avx2'.*'avx512', 'generic'"):
+    kernels.resolve_dinov3_impl()
+  monkeypatch.delenv(kernels.IMPL_ENV)
+  with pytest.raises(ValueError, match="model.backbone.impl='fast'"):
+    kernels.resolve_dinov3_impl("fast")
+
+
+@pytest.mark.parametrize("ffn", ["mlp", "swiglu"])
+def test_both_implementations_compute_the_same_values_and_gradients(monkeypatch, ffn):
+  """The two paths differ only in what the backward keeps; each is checked against torch
+  autograd by tests/test_convert_dinov3.py when forced with DD_JAX_DINOV3_IMPL."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  from dd_jax.models import dinov3  # pylint: disable=import-outside-toplevel
+  monkeypatch.delenv(kernels.IMPL_ENV, raising=False)
+  config = dinov3.get_config("custom", dim=32, depth=2, num_heads=2, ffn=ffn, ffn_hidden=48)
+  images = np.random.default_rng(0).standard_normal((2, 32, 48, 3)).astype(np.float32)
+  out = {}
+  for impl in kernels.DINOV3_IMPLS:
+    model = dinov3.DinoV3(config, rngs=nnx.Rngs(0), impl=impl)
+    assert {b.attn.impl for b in model.blocks} == {impl}
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    loss = lambda p, g=graphdef, r=rest: jnp.sum(jnp.sin(nnx.merge(g, p, r)(images)))
+    out[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  (value_a, grads_a), (value_b, grads_b) = out["avx512"], out["generic"]
+  np.testing.assert_allclose(value_a, value_b, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)

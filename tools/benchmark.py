@@ -695,7 +695,8 @@ def machine_info(jax_only: bool = False) -> dict[str, Any]:
 
   from dd_jax import kernels  # pylint: disable=import-outside-toplevel
   isa = kernels.cpu_facts()
-  info = {"cpu": isa["cpu"], "isa": isa, "cores_usable": cpu_threads(), "platform": platform.platform(),
+  info = {"cpu": isa["cpu"], "isa": isa, "dinov3_impl": kernels.resolve_dinov3_impl(),
+          "cores_usable": cpu_threads(), "platform": platform.platform(),
           "python": platform.python_version(), "jax": jax.__version__,
           "jax_device": str(jax.devices()[0].device_kind), "xla_flags": os.environ.get("XLA_FLAGS", ""),
           "loadavg_start": os.getloadavg()}
@@ -717,7 +718,8 @@ def header(results: dict[str, Any]) -> list[str]:
   if "isa" in machine:
     torch_isa = (f"; torch kernels {machine['torch_cpu_capability']}"
                  if machine.get("torch_cpu_capability") else "")
-    lines.append(f"CPU: {kernels.describe_cpu(machine['isa'])}{torch_isa}")
+    lines.append(f"CPU: {kernels.describe_cpu(machine['isa'])}{torch_isa}; "
+                 f"dd_jax DINOv3 implementation {machine.get('dinov3_impl', '?')}")
   for name, what in (("train", "train step"), ("infer", "inference")):
     found = results.get("rows", {}).get(name, {}).get("compile", {}).get("dot_kernels")
     if found:

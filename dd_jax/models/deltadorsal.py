@@ -239,8 +239,9 @@ class _DeltaDorsalNet(nnx.Module):
 
   def _init_trunk(self, backbone_config: dinov3.DinoV3Config, backbone_dtype: Any,
                   change_dim: int, use_delta: bool, use_orig_feat: bool,
-                  rngs: nnx.Rngs) -> None:
-    self.backbone = dinov3.DinoV3(backbone_config, dtype=backbone_dtype, rngs=rngs)
+                  rngs: nnx.Rngs, backbone_impl: str | None = "auto") -> None:
+    self.backbone = dinov3.DinoV3(backbone_config, dtype=backbone_dtype, rngs=rngs,
+                                  impl=backbone_impl)
     self.change = ChangeEncoder(backbone_config.dim, change_dim, use_delta=use_delta,
                                 use_orig_feat=use_orig_feat, rngs=rngs)
 
@@ -270,8 +271,9 @@ class PoseNet(_DeltaDorsalNet):
                change_dim: int = 256, use_delta: bool = True, use_orig_feat: bool = True,
                use_prior: bool = False, use_film: bool = False, gated: bool = False,
                pool: str = "avg", hidden: int = 512, out_dim: int = 45, prior_dim: int = 45,
-               rngs: nnx.Rngs):
-    self._init_trunk(backbone_config, backbone_dtype, change_dim, use_delta, use_orig_feat, rngs)
+               rngs: nnx.Rngs, backbone_impl: str | None = "auto"):
+    self._init_trunk(backbone_config, backbone_dtype, change_dim, use_delta, use_orig_feat, rngs,
+                     backbone_impl)
     self.head = ResidualPoseHead(change_dim, out_dim, prior_dim, hidden, use_prior=use_prior,
                                  use_film=use_film, gated=gated, pool=pool, rngs=rngs)
 
@@ -288,8 +290,9 @@ class ForceNet(_DeltaDorsalNet):
   def __init__(self, backbone_config: dinov3.DinoV3Config, *, backbone_dtype: Any = jnp.float32,
                change_dim: int = 256, use_delta: bool = True, use_orig_feat: bool = False,
                n_classes: int = 7, out_dim: int = 1, hidden: int = 512, pool: str = "avg",
-               rngs: nnx.Rngs):
-    self._init_trunk(backbone_config, backbone_dtype, change_dim, use_delta, use_orig_feat, rngs)
+               rngs: nnx.Rngs, backbone_impl: str | None = "auto"):
+    self._init_trunk(backbone_config, backbone_dtype, change_dim, use_delta, use_orig_feat, rngs,
+                     backbone_impl)
     self.head = ForceHead(change_dim, out_dim, n_classes, hidden, pool=pool, rngs=rngs)
 
   def __call__(self, img: jax.Array, base_img: jax.Array) -> jax.Array:
@@ -312,7 +315,7 @@ def backbone_config_from(config) -> dinov3.DinoV3Config:
 def build_model(config, *, rngs: nnx.Rngs) -> PoseNet | ForceNet:
   """PoseNet (config.task == "pose") or ForceNet ("force") from configs/pose.py / force.py.
 
-  Reads model.backbone.{variant, custom, dtype}, model.change.{out_dim, use_delta,
+  Reads model.backbone.{variant, custom, dtype, impl}, model.change.{out_dim, use_delta,
   use_orig_feat} and model.head.*. Backbone weights are NOT loaded here (the trainer does it).
   """
   backbone_config = backbone_config_from(config)
@@ -321,7 +324,8 @@ def build_model(config, *, rngs: nnx.Rngs) -> PoseNet | ForceNet:
   head = config.model.head
   common = dict(backbone_dtype=backbone_dtype, change_dim=change.out_dim,
                 use_delta=change.use_delta, use_orig_feat=change.use_orig_feat,
-                hidden=head.hidden, pool=head.pool, rngs=rngs)
+                hidden=head.hidden, pool=head.pool, rngs=rngs,
+                backbone_impl=config.model.backbone.get("impl", "auto"))
   if config.task == "pose":
     return PoseNet(backbone_config, use_prior=head.use_prior, use_film=head.use_film,
                    gated=head.gated, **common)

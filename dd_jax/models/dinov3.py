@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dd_jax import kernels
+
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
@@ -308,8 +310,9 @@ class Attention(nnx.Module):
   """
 
   def __init__(self, config: DinoV3Config, *, dtype, attention_implementation: str | None,
-               rngs: nnx.Rngs, mask_k_bias: bool = True):
+               rngs: nnx.Rngs, mask_k_bias: bool = True, impl: str | None = "auto"):
     self.num_heads = config.num_heads
+    self.impl = kernels.resolve_dinov3_impl(impl)
     self.qkv = QKVProjection(config.dim, use_bias=config.qkv_bias, dtype=dtype, rngs=rngs,
                              mask_k_bias=mask_k_bias)
     self.proj = _linear(config.dim, config.dim, use_bias=True, dtype=dtype, rngs=rngs)
@@ -327,8 +330,9 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(rope(qkv[:, :, 0]), rope(qkv[:, :, 1]), qkv[:, :, 2],
                                          implementation=self.attention_implementation)
     else:
-      out = attention(rope(qkv[:, :, 0] * jnp.asarray((d // n) ** -0.5, qkv.dtype)),
-                      rope(qkv[:, :, 1]), qkv[:, :, 2])
+      attend = attention if self.impl == "avx512" else attention_autodiff
+      out = attend(rope(qkv[:, :, 0] * jnp.asarray((d // n) ** -0.5, qkv.dtype)),
+                   rope(qkv[:, :, 1]), qkv[:, :, 2])
     return self.proj(out.reshape(b, t, d))
 
 
@@ -391,15 +395,24 @@ def _attention_bwd(residuals, ct):
 attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-class Mlp(nnx.Module):
+def attention_autodiff(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attention` differentiated by JAX (the "generic" implementation): the backward keeps the
+  (T, T) weights instead of recomputing them."""
+  return _attention_forward(q, k, v)[0]
 
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+
+class Mlp(nnx.Module):
+  """fc2(gelu(fc1 x)); `impl` (dd_jax.kernels.DINOV3_IMPLS) picks gelu_dense's backward."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, impl: str | None = "auto"):
     self.fc1 = _linear(dim, hidden, use_bias=True, dtype=dtype, rngs=rngs)
     self.fc2 = _linear(hidden, dim, use_bias=True, dtype=dtype, rngs=rngs)
+    self.impl = kernels.resolve_dinov3_impl(impl)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     fc2 = self.fc2
-    return gelu_dense(self.fc1(x), fc2.kernel[...], fc2.bias[...], fc2.dtype or x.dtype)
+    fn = gelu_dense if self.impl == "avx512" else gelu_dense_autodiff
+    return fn(self.fc1(x), fc2.kernel[...], fc2.bias[...], fc2.dtype or x.dtype)
 
 
 def _normal_cdf(x: jax.Array) -> jax.Array:
@@ -450,6 +463,12 @@ def _gelu_dense_bwd(dtype, residuals, ct):
 gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
 
 
+def gelu_dense_autodiff(h: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+  """`gelu_dense` differentiated by JAX (the "generic" implementation): the backward keeps
+  gelu(h) and its slope instead of recomputing them from h."""
+  return _dense(gelu(h.astype(dtype)), kernel, bias, dtype)
+
+
 class SwiGLU(nnx.Module):
   """w3(silu(w1 x) * w2 x): w1 gate, w2 up, w3 down (Meta's names)."""
 
@@ -471,14 +490,18 @@ class Block(nnx.Module):
   """
 
   def __init__(self, config: DinoV3Config, *, dtype, attention_implementation: str | None,
-               rngs: nnx.Rngs, layer_scale: bool = True, mask_k_bias: bool = True):
+               rngs: nnx.Rngs, layer_scale: bool = True, mask_k_bias: bool = True,
+               impl: str | None = "auto"):
+    impl = kernels.resolve_dinov3_impl(impl)
     self.norm1 = LayerNorm(config.dim, config.ln_eps, out_dtype=dtype)
     self.attn = Attention(config, dtype=dtype, attention_implementation=attention_implementation,
-                          rngs=rngs, mask_k_bias=mask_k_bias)
+                          rngs=rngs, mask_k_bias=mask_k_bias, impl=impl)
     self.ls1 = LayerScale(config.dim) if layer_scale else None
     self.norm2 = LayerNorm(config.dim, config.ln_eps, out_dtype=dtype)
-    ffn = Mlp if config.ffn == "mlp" else SwiGLU
-    self.mlp = ffn(config.dim, config.ffn_hidden, dtype=dtype, rngs=rngs)
+    if config.ffn == "mlp":
+      self.mlp = Mlp(config.dim, config.ffn_hidden, dtype=dtype, rngs=rngs, impl=impl)
+    else:
+      self.mlp = SwiGLU(config.dim, config.ffn_hidden, dtype=dtype, rngs=rngs)
     self.ls2 = LayerScale(config.dim) if layer_scale else None
 
   def __call__(self, x: jax.Array, cos: jax.Array | None, sin: jax.Array | None) -> jax.Array:
@@ -500,11 +523,14 @@ class DinoV3(nnx.Module):
 
   LayerNorm statistics, RoPE, softmax and the residual stream are float32 whatever `dtype` is.
   `attention_implementation`: None = dd_jax's own heads-major attention (the fastest on CPU),
-  or a jax.nn.dot_product_attention implementation ('xla', 'cudnn').
+  or a jax.nn.dot_product_attention implementation ('xla', 'cudnn'). `impl`: how the blocks'
+  backward passes are built, "auto" (by backend and CPU flags) or one of
+  dd_jax.kernels.DINOV3_IMPLS; the environment variable DD_JAX_DINOV3_IMPL overrides it.
   """
 
   def __init__(self, config: DinoV3Config, *, dtype=jnp.float32,
-               attention_implementation: str | None = None, rngs: nnx.Rngs):
+               attention_implementation: str | None = None, rngs: nnx.Rngs,
+               impl: str | None = "auto"):
     self.config = config
     self.dtype = dtype
     d = config.dim
@@ -515,7 +541,8 @@ class DinoV3(nnx.Module):
     self.rope_periods = RopePeriods(
         jnp.asarray(default_rope_periods(config.head_dim, config.rope_base)))
     self.blocks = nnx.List([
-        Block(config, dtype=dtype, attention_implementation=attention_implementation, rngs=rngs)
+        Block(config, dtype=dtype, attention_implementation=attention_implementation, rngs=rngs,
+              impl=impl)
         for _ in range(config.depth)])
     self.norm = LayerNorm(d, config.ln_eps, out_dtype=jnp.float32)
 
