@@ -59,7 +59,7 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.model.backbone.weights = ""  # converted checkpoint (tools/convert_dinov3.py); "" = random init
   c.model.backbone.n_unfrozen_blocks = 3
   c.model.backbone.dtype = "bfloat16"  # compute dtype; params stay float32
-  # auto | avx512 | generic: how the blocks' backward passes are built (dd_jax/kernels.py);
+  # auto | custom_vjp | autodiff: how the blocks' backward passes are built (dd_jax/kernels.py);
   # auto picks by backend and CPU flags, DD_JAX_DINOV3_IMPL in the environment overrides it.
   c.model.backbone.impl = "auto"
   c.model.change = ml_collections.ConfigDict()

@@ -181,23 +181,23 @@ def describe_dot_kernels(kernels: dict[str, dict[str, float]]) -> str:
 # The DINOv3 implementation for this machine: the one switch (docs/benchmarks.md, "Per ISA")
 # ---------------------------------------------------------------------------------------------
 
-# "avx512": the ViT block's backward passes written out to recompute rather than keep (GELU,
-# attention weights): the least memory, and the fastest where XLA:CPU's own code runs AVX-512
-# (and on accelerators). "generic": the backward passes that recompute elementwise work are
-# left to autodiff, which keeps those activations: on CPUs without AVX-512, where XLA:CPU's
-# elementwise code and its own dots run at half the width, recomputing costs more than it saves.
-DINOV3_IMPLS = ("avx512", "generic")
+# "custom_vjp": the ViT block's backward passes written out (LayerNorm, attention, GELU-MLP) to
+# keep the least and recompute the rest; "autodiff": attention and the GELU-MLP left to JAX's
+# autodiff, which keeps the (T, T) attention weights and gelu(h) instead of recomputing them.
+DINOV3_IMPLS = ("custom_vjp", "autodiff")
 IMPL_ENV = "DD_JAX_DINOV3_IMPL"  # forces one for every model in the process (tests, benchmarks)
 
 
 def auto_impl(backend: str, facts: dict[str, Any]) -> str:
-  """What "auto" means for a backend ('cpu', 'gpu', 'tpu') and CPU facts (cpu_facts())."""
-  if backend != "cpu":
-    return "avx512"  # accelerators: the memory-lean backward passes
-  capped = facts["isa_caps"].get("xla_cpu_max_isa", "").upper()
-  if capped and not capped.startswith(("AVX512", "AMX")):
-    return "generic"  # XLA told to emit no AVX-512: as on a CPU without it
-  return "avx512" if facts["avx512"] else "generic"
+  """What "auto" means for a backend ('cpu', 'gpu', 'tpu') and CPU facts (cpu_facts()).
+
+  Every case gets "custom_vjp" today: in interleaved A/B runs of the block's forward+backward
+  (tools/ab_block.py, docs/benchmarks.md "Per ISA") it was as fast as or ~10% faster than
+  "autodiff" both natively on AVX-512 and with XLA, ATen, MKL and oneDNN capped to AVX2, and it
+  keeps less memory. This is the one place to change should a quiet AVX2 machine show otherwise.
+  """
+  del backend, facts
+  return "custom_vjp"
 
 
 @functools.cache

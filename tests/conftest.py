@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 
 def pytest_report_header(config):
-  """Which DINOv3 implementation the models get (DD_JAX_DINOV3_IMPL=avx512|generic forces one
+  """Which DINOv3 implementation the models get (DD_JAX_DINOV3_IMPL=custom_vjp|autodiff forces one
   for the whole run; docs/testing.md)."""
   del config
   from dd_jax import kernels  # pylint: disable=import-outside-toplevel

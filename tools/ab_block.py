@@ -12,7 +12,7 @@ median over the repeats.
 
   python tools/ab_block.py                         # this machine's ISA
   python tools/ab_block.py --emulate_avx2          # XLA, torch, MKL and oneDNN capped to AVX2
-  python tools/ab_block.py --variants avx512,generic --skip dots --json ab.json
+  python tools/ab_block.py --variants custom_vjp,autodiff --skip dots --json ab.json
 """
 
 from __future__ import annotations
@@ -85,11 +85,11 @@ def block_programs(config, batch: int, image_size: int, only=()):
       "gelu_dense": lambda h, k, b, dt: dinov3._dense(dinov3.gelu(h.astype(dt)), k, b, dt),  # pylint: disable=protected-access
   }
   # name -> (implementation, its hand-written VJPs replaced by autodiff of the same forward)
-  variants = {"avx512": ("avx512", ()), "generic": ("generic", ()),
-              "avx512+autodiff_layer_norm": ("avx512", ("layer_norm",)),
-              "avx512+autodiff_attention": ("avx512", ("attention",)),
-              "avx512+autodiff_gelu_dense": ("avx512", ("gelu_dense",)),
-              "avx512+autodiff_all": ("avx512", tuple(plain))}
+  variants = {"custom_vjp": ("custom_vjp", ()), "autodiff": ("autodiff", ()),
+              "custom_vjp-layer_norm": ("custom_vjp", ("layer_norm",)),
+              "custom_vjp-attention": ("custom_vjp", ("attention",)),
+              "custom_vjp-gelu_dense": ("custom_vjp", ("gelu_dense",)),
+              "custom_vjp-all": ("custom_vjp", tuple(plain))}
   if only:
     variants = {k: v for k, v in variants.items() if k in only}
   fns, dots = {}, {}

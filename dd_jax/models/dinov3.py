@@ -330,7 +330,7 @@ class Attention(nnx.Module):
       out = jax.nn.dot_product_attention(rope(qkv[:, :, 0]), rope(qkv[:, :, 1]), qkv[:, :, 2],
                                          implementation=self.attention_implementation)
     else:
-      attend = attention if self.impl == "avx512" else attention_autodiff
+      attend = attention if self.impl == "custom_vjp" else attention_autodiff
       out = attend(rope(qkv[:, :, 0] * jnp.asarray((d // n) ** -0.5, qkv.dtype)),
                    rope(qkv[:, :, 1]), qkv[:, :, 2])
     return self.proj(out.reshape(b, t, d))
@@ -396,7 +396,7 @@ attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def attention_autodiff(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """`attention` differentiated by JAX (the "generic" implementation): the backward keeps the
+  """`attention` differentiated by JAX (the "autodiff" implementation): the backward keeps the
   (T, T) weights instead of recomputing them."""
   return _attention_forward(q, k, v)[0]
 
@@ -411,7 +411,7 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     fc2 = self.fc2
-    fn = gelu_dense if self.impl == "avx512" else gelu_dense_autodiff
+    fn = gelu_dense if self.impl == "custom_vjp" else gelu_dense_autodiff
     return fn(self.fc1(x), fc2.kernel[...], fc2.bias[...], fc2.dtype or x.dtype)
 
 
@@ -464,7 +464,7 @@ gelu_dense.defvjp(_gelu_dense_fwd, _gelu_dense_bwd)
 
 
 def gelu_dense_autodiff(h: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
-  """`gelu_dense` differentiated by JAX (the "generic" implementation): the backward keeps
+  """`gelu_dense` differentiated by JAX (the "autodiff" implementation): the backward keeps
   gelu(h) and its slope instead of recomputing them from h."""
   return _dense(gelu(h.astype(dtype)), kernel, bias, dtype)
 
