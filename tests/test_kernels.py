@@ -111,9 +111,14 @@ def test_both_implementations_compute_the_same_values_and_gradients(monkeypatch,
     model = dinov3.DinoV3(config, rngs=nnx.Rngs(0), impl=impl)
     assert {b.attn.impl for b in model.blocks} == {impl}
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    # O(1) weights everywhere (LayerScale included, 1e-5 at init) so that every part of the
+    # block shows in the output and in every gradient.
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda p: jnp.asarray(0.3 * rng.standard_normal(p.shape), p.dtype),
+                          params)
     loss = lambda p, g=graphdef, r=rest: jnp.sum(jnp.sin(nnx.merge(g, p, r)(images)))
     out[impl] = jax.jit(jax.value_and_grad(loss))(params)
   (value_a, grads_a), (value_b, grads_b) = out["custom_vjp"], out["autodiff"]
   np.testing.assert_allclose(value_a, value_b, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
-    np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
