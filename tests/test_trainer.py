@@ -56,8 +56,11 @@ def test_frozen_parameters_get_no_update_and_no_backward(tiny_dataset):
     compiled = b.train_step.lower(b.state, b.frozen, batch, b.task.consts).compile()
     return compiled.cost_analysis()["flops"]
 
+  # A backward through the frozen blocks would make the two about equal. The ratio is under
+  # 0.6 with the written-out backward passes (they recompute) and 0.603 with autodiff's
+  # (DD_JAX_DINOV3_IMPL=autodiff).
   frozen_flops, full_flops = step_flops(0), step_flops(6)
-  assert frozen_flops < 0.6 * full_flops, (frozen_flops, full_flops)
+  assert frozen_flops < 0.7 * full_flops, (frozen_flops, full_flops)
 
 
 def test_three_steps_on_eight_devices_match_one(tiny_dataset):
