@@ -40,6 +40,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.data.eval_batch_size = 96
   c.data.num_workers = 4  # Grain worker processes per host (0 = in-process)
   c.data.augment = True  # train split only; val/test never augment
+  # Send uint8 images; augment and normalise inside the jitted steps (docs/data.md).
+  # None: on for GPU / TPU, off on CPU.
+  c.data.augment_on_device = ml_collections.config_dict.placeholder(bool)
   c.data.random_base = True  # online mode: random base per sample (else the first)
   c.data.skip_bad_frames = False
   c.data.fsr_thresh = 0.2

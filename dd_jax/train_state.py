@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from dd_jax import host, optim, parallel, tasks
+from dd_jax.data import device_augment, transforms
 from dd_jax.models import deltadorsal
 
 TrainState = dict[str, Any]
@@ -52,10 +53,20 @@ class TrainSetup:
 # ------------------------------------------------------------------ the steps
 
 
-def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable) -> Callable:
+def step_rng(seed: int, step) -> jax.Array:
+  """The train step's randomness: a function of the seed and the step, so a resumed run draws
+  what the uninterrupted one drew."""
+  return jax.random.fold_in(jax.random.key(seed), step)
+
+
+def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable, seed: int = 0,
+                    augment: transforms.AugmentConfig | None = None) -> Callable:
   """(state, frozen, batch, consts) -> (state, metrics); `loss_fn(model, batch, consts) -> (loss, aux)`.
 
   update: `optim.make_update`'s (state, grads) -> state after the optimizer step.
+  uint8 batch images (data.augment_on_device) are augmented with `augment` (None: only
+  normalised) from step_rng(seed, step) before the loss sees them.
+
   consts: the task's fixed arrays (MANO model, class weights), arguments rather than constants
   folded into the compiled program.
 
@@ -64,6 +75,7 @@ def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable)
   """
 
   def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], consts):
+    batch = device_augment.model_inputs(batch, step_rng(seed, state["step"]), augment)
 
     def compute_loss(trainable):
       model = nnx.merge(graphdef, trainable, frozen)
@@ -85,6 +97,7 @@ def make_eval_step(graphdef: nnx.GraphDef, eval_fn: Callable) -> Callable:
   """(trainable, frozen, batch, consts) -> (metric sums, per-frame outputs)."""
 
   def eval_step(trainable: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array], consts):
+    batch = device_augment.model_inputs(batch)
     model = nnx.merge(graphdef, trainable, frozen)
     return eval_fn(model, batch, consts)
 
@@ -138,7 +151,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
   state = jax.jit(init, out_shardings=shardings)(trainable)
-  train_step = jax.jit(make_train_step(graphdef, optim.make_update(config, tx), task.loss),
+  augment = transforms.AugmentConfig() if config.data.augment else None
+  train_step = jax.jit(make_train_step(graphdef, optim.make_update(config, tx), task.loss,
+                                       config.seed, augment),
                        donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, task.evaluate))
   host.release_freed_host_memory()  # what compiling the initialisers freed

@@ -209,7 +209,7 @@ def test_color_lut_matches_direct_computation():
   rng = np.random.default_rng(2)
   image = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
   for seed in range(4):
-    lut = transforms.color_lut(image, np.random.default_rng(seed), transforms.AugmentConfig())
+    lut = transforms.color_lut(image, transforms.draw_augment(np.random.default_rng(seed)))
     draw = np.random.default_rng(seed)
     b, c = draw.uniform(0.9, 1.1), draw.uniform(0.9, 1.1)
     first, gamma = draw.random() < 0.5, 1 + draw.uniform(-0.1, 0.1)

@@ -20,7 +20,7 @@ import numpy as np
 from absl import logging
 
 from dd_jax import host
-from dd_jax.data import egodorsal, samples, splits
+from dd_jax.data import device_augment, egodorsal, samples, splits
 from dd_jax.data.egodorsal import Frame
 
 _MAX_EPOCHS = 10**9  # the train order is "infinite": the trainer counts steps_per_epoch
@@ -274,9 +274,11 @@ def make_train_loader(data_config, task: str, *, seed: int, process_index: int =
   """Shuffled, augmented, fixed-size batches of data.batch_size // process_count frames.
 
   `iter(loader)` is infinite (epochs follow each other); loader.steps_per_epoch batches make an
-  epoch. Batches: img, base_img (B, S, S, 3) float32, hamer_pose (B, 45), hamer_shape (B, 10),
-  gt_pose (B, 45) [pose] or tap_label (B,), force (B, 5), fsr (B,) [force], frame_id (B,)
-  int64, p_id (B,) int32, valid (B,) bool (False only for skipped bad frames).
+  epoch. Batches: img, base_img (B, S, S, 3) float32 (uint8 and not yet augmented with
+  data.augment_on_device: the train step augments and normalises them), hamer_pose (B, 45),
+  hamer_shape (B, 10), gt_pose (B, 45) [pose] or tap_label (B,), force (B, 5), fsr (B,)
+  [force], frame_id (B,) int64, p_id (B,) int32, valid (B,) bool (False only for skipped bad
+  frames).
   """
   reader = _reader(data_config, task, data_config.train_split)
   global_batch = int(data_config.batch_size)
@@ -289,9 +291,10 @@ def make_train_loader(data_config, task: str, *, seed: int, process_index: int =
   order = TrainOrder(len(reader), steps * global_batch, _seed(seed, 0))
   samples_ds = grain.MapDataset.source(order).random_map(samples.ReadSampleRandom(reader),
                                                          seed=_seed(seed, 1))
-  if data_config.augment:
+  on_device = device_augment.enabled(data_config)
+  if data_config.augment and not on_device:
     samples_ds = samples_ds.random_map(samples.Augment(), seed=_seed(seed, 2))
-  samples_ds = samples_ds.map(samples.Finalize(int(data_config.out_img_size)))
+  samples_ds = samples_ds.map(samples.Finalize(int(data_config.out_img_size), uint8=on_device))
   positions = ProcessPositions(process_index, process_count, batch)
   ds = grain.MapDataset.source(positions).map(_FromGlobal(samples_ds))
   ds = ds.batch(batch, drop_remainder=True)
@@ -314,7 +317,8 @@ def make_eval_loader(data_config, task: str, split: str, *, process_index: int =
   steps = math.ceil(math.ceil(len(reader) / process_count) / batch)
   numbers = list(range(start, end)) + [samples.PADDING] * (steps * batch - (end - start))
   ds = grain.MapDataset.source(numbers).map(samples.ReadSample(reader))
-  ds = ds.map(samples.Finalize(int(data_config.out_img_size))).batch(batch)
+  ds = ds.map(samples.Finalize(int(data_config.out_img_size),
+                               uint8=device_augment.enabled(data_config))).batch(batch)
   return Loader(_finish(ds, int(data_config.num_workers)), steps_per_epoch=steps,
                 batch_size=batch, name=f"{task} {split}", finite=True)
 

@@ -18,7 +18,7 @@ import numpy as np
 from dd_jax.data import align
 from dd_jax.data.egodorsal import MOTION_FINGERS, MOTION_LABELS, EgoDorsalIndex, Frame
 from dd_jax.data.store import FrameLoadError, Prior, decode_image
-from dd_jax.data.transforms import AugmentConfig, augment, to_model_input
+from dd_jax.data.transforms import AugmentConfig, augment, resize_square, to_model_input
 
 PADDING = -1  # frame number of an eval padding element
 ERROR_BYTES = 400  # room for a bad frame's message inside the sample (stripped from batches)
@@ -210,18 +210,21 @@ class Augment(grain.transforms.RandomMap):
 
 
 class Finalize(grain.transforms.Map):
-  """Resize to out_img_size and normalise; masked samples get zero images. The prior's 2D
-  keypoints (pose samples: crop pixels, NaN where unknown) follow the resize."""
+  """Resize to out_img_size and normalise (uint8: resize only, the step normalises on the
+  device); masked samples get zero images. The prior's 2D keypoints (pose samples: crop
+  pixels, NaN where unknown) follow the resize."""
 
-  def __init__(self, size: int):
+  def __init__(self, size: int, uint8: bool = False):
     self.size = size
+    self.uint8 = uint8
 
   def map(self, sample: dict[str, Any]) -> dict[str, Any]:
     if not sample["valid"]:
-      zeros = np.zeros((self.size, self.size, 3), np.float32)
+      zeros = np.zeros((self.size, self.size, 3), np.uint8 if self.uint8 else np.float32)
       return dict(sample, img=zeros, base_img=zeros)
-    out = dict(sample, img=to_model_input(sample["img"], self.size),
-               base_img=to_model_input(sample["base_img"], self.size))
+    finish = resize_square if self.uint8 else to_model_input
+    out = dict(sample, img=finish(sample["img"], self.size),
+               base_img=finish(sample["base_img"], self.size))
     if "prior_kp2d" in sample:
       height, width = sample["img"].shape[:2]
       scale = np.array([self.size / width, self.size / height], np.float32)

@@ -17,7 +17,7 @@ import numpy as np
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float64)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float64)
-_GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114])  # torchvision rgb_to_grayscale
+GRAY_WEIGHTS = np.array([0.2989, 0.587, 0.114])  # torchvision rgb_to_grayscale
 _LEVELS = np.arange(256, dtype=np.float64) / 255.0
 _NORMALISE_LUT = np.ascontiguousarray(
     ((_LEVELS[:, None] - IMAGENET_MEAN) / IMAGENET_STD)[None].astype(np.float32))  # (1, 256, 3)
@@ -42,12 +42,30 @@ def _histograms(image: np.ndarray) -> np.ndarray:
   return np.stack([cv2.calcHist([image], [c], None, [256], [0, 256]).reshape(256) for c in range(3)])
 
 
-def color_lut(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
-  """The (3, 256) float table of brightness, contrast (random order) and gamma for `image`."""
+@dataclasses.dataclass(frozen=True)
+class AugmentDraw:
+  """One image's random augmentation parameters (drawn by `draw_augment`)."""
+  brightness: float
+  contrast: float
+  brightness_first: bool  # ColorJitter's random order of the two
+  gamma: float
+  noise_seed: int | None  # OpenCV's RNG seed for the noise (None: no noise)
+  blur_sigma: float
+
+
+def draw_augment(rng: np.random.Generator, config: AugmentConfig = AugmentConfig()) -> AugmentDraw:
+  """The parameters of one image's augmentation, in the order the pipeline has always drawn them."""
   b = rng.uniform(max(0.0, 1 - config.brightness), 1 + config.brightness)
   c = rng.uniform(max(0.0, 1 - config.contrast), 1 + config.contrast)
-  brightness_first = rng.random() < 0.5
+  brightness_first = bool(rng.random() < 0.5)
   gamma = 1.0 + rng.uniform(-config.gamma, config.gamma)
+  noise_seed = int(rng.integers(0, 2**31 - 1)) if config.noise_std > 0 else None
+  return AugmentDraw(b, c, brightness_first, gamma, noise_seed, rng.uniform(*config.blur_sigma))
+
+
+def color_lut(image: np.ndarray, draw: AugmentDraw) -> np.ndarray:
+  """The (3, 256) float table of brightness, contrast (in the drawn order) and gamma for `image`."""
+  b, c = draw.brightness, draw.contrast
   lut = np.broadcast_to(_LEVELS, (3, 256))
   counts = None
 
@@ -55,39 +73,49 @@ def color_lut(image: np.ndarray, rng: np.random.Generator, config: AugmentConfig
     nonlocal counts
     if counts is None:
       counts = _histograms(image)
-    mean = float(np.sum(_GRAY_WEIGHTS[:, None] * counts * lut) / counts[0].sum())
+    mean = float(np.sum(GRAY_WEIGHTS[:, None] * counts * lut) / counts[0].sum())
     return np.clip(c * lut + (1.0 - c) * mean, 0.0, 1.0)
 
   def brightness(lut):
     return np.clip(b * lut, 0.0, 1.0)
 
-  for op in ((brightness, contrast) if brightness_first else (contrast, brightness)):
+  for op in ((brightness, contrast) if draw.brightness_first else (contrast, brightness)):
     lut = op(lut)
-  return lut ** gamma
+  return lut ** draw.gamma
+
+
+def noise_field(shape: tuple[int, ...], draw: AugmentDraw, config: AugmentConfig) -> np.ndarray:
+  """The drawn Gaussian noise in normalised units, float32 `shape` (H, W, 3)."""
+  # cv2.randn is ~3x faster than numpy's normals; its per-thread RNG is seeded from the draw
+  # right before use, so the noise stays a deterministic function of the element's rng.
+  noise = np.empty(shape, np.float32)
+  cv2.setRNGSeed(draw.noise_seed)
+  cv2.randn(noise, (0.0, 0.0, 0.0), tuple(float(v) for v in config.noise_std / IMAGENET_STD))
+  return noise
 
 
 def augment(image: np.ndarray, rng: np.random.Generator,
             config: AugmentConfig = AugmentConfig()) -> np.ndarray:
-  """uint8 (H, W, 3) RGB -> augmented, ImageNet-normalised float32 (H, W, 3).
+  """uint8 (H, W, 3) RGB -> augmented, ImageNet-normalised float32 (H, W, 3)."""
+  return apply_augment(image, draw_augment(rng, config), config)
+
+
+def apply_augment(image: np.ndarray, draw: AugmentDraw,
+                  config: AugmentConfig = AugmentConfig()) -> np.ndarray:
+  """`augment` with given parameters.
 
   The normalisation (x - mean) / std is folded into the lookup table, and the noise, the
   [0, 1] clip and the blur are done in normalised units (the blur and the later resize are
   linear, so they commute with the per-channel affine map): the result equals augmenting in
   [0, 1] and normalising afterwards, with two fewer passes over the image.
   """
-  lut = (color_lut(image, rng, config).T - IMAGENET_MEAN) / IMAGENET_STD  # (256, 3)
+  lut = (color_lut(image, draw).T - IMAGENET_MEAN) / IMAGENET_STD  # (256, 3)
   out = cv2.LUT(image, np.ascontiguousarray(lut[None].astype(np.float32)))
-  if config.noise_std > 0:
-    # cv2.randn is ~3x faster than numpy's normals; its per-thread RNG is seeded from `rng`
-    # right before use, so the noise stays a deterministic function of the element's rng.
-    noise = np.empty_like(out)
-    cv2.setRNGSeed(int(rng.integers(0, 2**31 - 1)))
-    cv2.randn(noise, (0.0, 0.0, 0.0), tuple(float(v) for v in config.noise_std / IMAGENET_STD))
-    cv2.add(out, noise, dst=out)
+  if draw.noise_seed is not None:
+    cv2.add(out, noise_field(out.shape, draw, config), dst=out)
     cv2.max(out, _LOW, dst=out)  # the clip to [0, 1] before normalisation
     cv2.min(out, _HIGH, dst=out)
-  sigma = rng.uniform(*config.blur_sigma)
-  k = config.blur_kernel
+  sigma, k = draw.blur_sigma, config.blur_kernel
   return cv2.GaussianBlur(out, (k, k), sigmaX=sigma, sigmaY=sigma,
                           borderType=cv2.BORDER_REFLECT_101)
 
@@ -118,6 +146,9 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 
 def denormalise(image: np.ndarray) -> np.ndarray:
-  """Inverse of the normalisation, for pictures: (..., 3) float -> uint8 RGB."""
+  """Inverse of the normalisation, for pictures: (..., 3) float -> uint8 RGB (uint8 images,
+  data.augment_on_device's batches, are returned as they are)."""
+  if image.dtype == np.uint8:
+    return image
   x = np.asarray(image, np.float64) * IMAGENET_STD + IMAGENET_MEAN
   return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
