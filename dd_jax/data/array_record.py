@@ -148,16 +148,14 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         position += 1
 
 
-def pack(source: str, out_dir: str) -> dict:
-  """Packs the EgoDorsal folder `source` into `out_dir`; returns a summary."""
-  start = time.perf_counter()
-  source, out_dir = os.path.abspath(source), os.path.abspath(out_dir)
-  index = egodorsal.load_index(source)
+def collect_frames(source: str, index: egodorsal.EgoDorsalIndex) -> tuple[list[Frame], list[str]]:
+  """(every frame of frames.json and the split files, by frame id; those JSON files' names)."""
   frames: dict[int, Frame] = {}
   problems = []
   names = []
   for name in sorted(os.listdir(source)):  # frames.json and every split file
-    if not name.endswith(".json") or name in ("bases.json", "trials.json", PACK_INDEX):
+    if not name.endswith(".json") or name in ("bases.json", "trials.json", PACK_INDEX,
+                                              "pack_settings.json"):
       continue
     with open(os.path.join(source, name), encoding="utf-8") as f:
       if not isinstance(json.load(f).get("frames"), list):
@@ -168,10 +166,23 @@ def pack(source: str, out_dir: str) -> dict:
         problems.append(f"{name}: frame {frame.frame_id} differs from its entry in another file")
       frames.setdefault(frame.frame_id, frame)
   egodorsal.check(f"packing {source}", problems)
-  ordered = [frames[k] for k in sorted(frames)]
-  os.makedirs(out_dir, exist_ok=True)
+  return [frames[k] for k in sorted(frames)], names
+
+
+def copy_metadata(source: str, out_dir: str, names: list[str]) -> None:
+  """The JSON metadata (frames, splits, bases, trials) next to the packed records."""
   for name in names + ["bases.json", "trials.json"]:
     shutil.copyfile(os.path.join(source, name), os.path.join(out_dir, name))
+
+
+def pack(source: str, out_dir: str) -> dict:
+  """Packs the EgoDorsal folder `source` into `out_dir`; returns a summary."""
+  start = time.perf_counter()
+  source, out_dir = os.path.abspath(source), os.path.abspath(out_dir)
+  index = egodorsal.load_index(source)
+  ordered, names = collect_frames(source, index)
+  os.makedirs(out_dir, exist_ok=True)
+  copy_metadata(source, out_dir, names)
   builder = _Builder(source=source, frames=ordered, index=index, data_dir=out_dir,
                      file_format="array_record")
   builder.download_and_prepare()
@@ -194,18 +205,31 @@ def pack(source: str, out_dir: str) -> dict:
           "dataset_dir": builder.data_dir, "seconds": round(time.perf_counter() - start, 2)}
 
 
+def read_pack_index(packed_dir: str) -> dict:
+  path = os.path.join(os.path.abspath(packed_dir), PACK_INDEX)
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: not a packed EgoDorsal folder (run "
+                            "tools/pack_array_record.py)") from None
+
+
+def open_store(packed_dir: str, data_config):
+  """The store of a packed folder: whole files (ArrayRecordStore) or crops (crops.CropStore)."""
+  meta = read_pack_index(packed_dir)
+  if meta.get("kind") == "crops":
+    from dd_jax.data import crops  # pylint: disable=g-import-not-at-top
+    return crops.CropStore(packed_dir, meta, data_config)
+  return ArrayRecordStore(packed_dir)
+
+
 class ArrayRecordStore:
   """Reads frames from a packed folder (data.format="array_record"); same API as FolderStore."""
 
   def __init__(self, packed_dir: str):
     self.packed_dir = os.path.abspath(packed_dir)
-    path = os.path.join(self.packed_dir, PACK_INDEX)
-    try:
-      with open(path, encoding="utf-8") as f:
-        meta = json.load(f)
-    except FileNotFoundError:
-      raise FileNotFoundError(f"{path}: not a packed EgoDorsal folder (run "
-                              "tools/pack_array_record.py)") from None
+    meta = read_pack_index(packed_dir)
     self._record = {fid: i for i, fid in enumerate(meta["frames"])}
     self._base_record = {(p, i): k for k, (p, i) in enumerate(meta["bases"])}
     self._dataset_dir = os.path.join(self.packed_dir, meta["dataset_dir"])
@@ -285,6 +309,9 @@ def packed_problems(root: str, frames: list[Frame], task: str, precropped: bool)
       meta = json.load(f)
   except (OSError, ValueError) as e:
     return [f"{path}: not a packed EgoDorsal folder ({e}); run tools/pack_array_record.py"]
+  if meta.get("kind") == "crops":
+    from dd_jax.data import crops  # pylint: disable=g-import-not-at-top
+    return crops.packed_problems(meta, frames, task, precropped, path)
   packed = set(meta["frames"])
   errors = meta.get("errors", {})
   needed = ["prior"] + (["cropped_img", "cropped_base"] if precropped else ["img"])

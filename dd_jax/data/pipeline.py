@@ -57,8 +57,8 @@ def make_store(data_config, index: egodorsal.EgoDorsalIndex):
     from dd_jax.data.store import FolderStore  # pylint: disable=g-import-not-at-top
     return FolderStore(index)
   if fmt == "array_record":
-    from dd_jax.data.array_record import ArrayRecordStore  # pylint: disable=g-import-not-at-top
-    return ArrayRecordStore(data_config.data_dir)
+    from dd_jax.data import array_record  # pylint: disable=g-import-not-at-top
+    return array_record.open_store(data_config.data_dir, data_config)
   raise ValueError(f"data.format must be 'folder' or 'array_record', got {fmt!r}")
 
 

@@ -117,10 +117,6 @@ class SampleReader:
       if frame.cropped_base_idx is None:
         raise FrameLoadError(fid, "<frames.json>", "precropped mode needs 'cropped_base_idx'")
       base_idx = frame.cropped_base_idx
-      base_prior = store.base_prior(trial.p_id, base_idx, fid)
-      img = decode_image(*store.frame_image(frame, "cropped_img"), fid)
-      base_img = decode_image(*store.frame_image(frame, "cropped_base"), fid)
-      prior_kp2d = align.place_prior_keypoints(prior.keypoints_2d, img.shape[1], img.shape[0])[0]
     else:
       n_bases = len(self.index.bases.get(trial.p_id, []))
       if n_bases == 0:
@@ -131,7 +127,12 @@ class SampleReader:
         base_idx = int(rng.integers(n_bases))
       else:
         base_idx = 0
-      base_prior = store.base_prior(trial.p_id, base_idx, fid)
+    base_prior = store.base_prior(trial.p_id, base_idx, fid)
+    if hasattr(store, "crops"):  # packed crops (tools/pack_array_record.py --image_size)
+      img, base_img, prior_kp2d = store.crops(frame, base_idx)
+    elif self.options.precropped:
+      img, base_img, prior_kp2d = precropped_crops(store, frame, prior)
+    else:
       img, base_img, prior_kp2d = self._align_online(frame, trial, base_idx, prior, base_prior)
 
     shape = _require(base_prior, "betas", store.base_name(trial.p_id, base_idx), fid)
@@ -155,13 +156,31 @@ class SampleReader:
     base_bytes, base_path = self.store.base_image(trial.p_id, base_idx, fid)
     img = self._undistort(decode_image(img_bytes, img_path, fid), trial.K, trial.d)
     base_img = self._undistort(decode_image(base_bytes, base_path, fid), trial.K, trial.d)
-    img, base_img, alignment = align.online_crops(
-        trial.K, img, base_img, _require(prior, "keypoints_3d", frame.hamer_path, fid),
-        _require(prior, "cam_t", frame.hamer_path, fid),
-        _require(base_prior, "keypoints_3d", self.store.base_name(trial.p_id, base_idx), fid),
-        _require(base_prior, "cam_t", self.store.base_name(trial.p_id, base_idx), fid))
-    x0, _, y0, _ = alignment.box
-    return img, base_img, alignment.frame_keypoints - (x0, y0)
+    return online_crops(img, base_img, trial.K, frame, prior, base_prior,
+                        self.store.base_name(trial.p_id, base_idx))
+
+
+def precropped_crops(store, frame: Frame, prior: Prior):
+  """(frame crop, base crop, prior keypoints in crop pixels or None) of a precropped frame."""
+  fid = frame.frame_id
+  img = decode_image(*store.frame_image(frame, "cropped_img"), fid)
+  base_img = decode_image(*store.frame_image(frame, "cropped_base"), fid)
+  return img, base_img, align.place_prior_keypoints(prior.keypoints_2d, img.shape[1],
+                                                    img.shape[0])[0]
+
+
+def online_crops(img: np.ndarray, base_img: np.ndarray, K: np.ndarray, frame: Frame,
+                 prior: Prior, base_prior: Prior, base_name: str):
+  """align.online_crops with the priors' keypoints (a missing one a FrameLoadError): (frame
+  crop, aligned base crop, prior keypoints in crop pixels); raises AlignmentError."""
+  fid = frame.frame_id
+  img, base_img, alignment = align.online_crops(
+      K, img, base_img, _require(prior, "keypoints_3d", frame.hamer_path, fid),
+      _require(prior, "cam_t", frame.hamer_path, fid),
+      _require(base_prior, "keypoints_3d", base_name, fid),
+      _require(base_prior, "cam_t", base_name, fid))
+  x0, _, y0, _ = alignment.box
+  return img, base_img, alignment.frame_keypoints - (x0, y0)
 
 
 def _encode_error(message: str) -> np.ndarray:
