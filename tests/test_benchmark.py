@@ -22,7 +22,7 @@ def tiny_settings():
 
 def test_quick_rows_run_and_agree(tmp_path):
   s = tiny_settings()
-  rows = ("train", "infer", "mano", "pipeline", "compile")
+  rows = ("train", "infer", "mano", "pipeline", "input", "compile")
   results = benchmark.run(s, rows, log=lambda message: None)
   got = results["rows"]
   assert set(rows) <= set(got)
@@ -40,6 +40,11 @@ def test_quick_rows_run_and_agree(tmp_path):
     assert row["max_abs_vertex_diff_m"] < 1e-5
     assert row["jax"]["hands_per_s"] > 0 and row["torch"]["hands_per_s"] > 0
   assert got["pipeline"]["jax"]["samples_per_s"] > 0
+  for case in ("online", "precrop", "packed"):
+    for fw in ("jax", "jax_device_augment", "torch"):
+      assert got["input"][case][fw]["samples_per_s"] > 0, (case, fw)
+  assert got["input"]["bytes_to_device"]["device_augment"] * 4 == (
+      got["input"]["bytes_to_device"]["host_augment"])
   assert got["compile"]["by_depth"][0]["compile_s"] > 0
   text = benchmark.table(results)
   assert "pose train step" in text and "MANO forward, batch 3" in text
@@ -50,6 +55,7 @@ def test_quick_rows_run_and_agree(tmp_path):
   assert sum(k["dots"] for k in got["train"]["compile"]["dot_kernels"].values()) > 0
   assert "XLA dots, train step: " in text
   assert "batch 1, synchronous CPU dispatch" in text
+  assert "input, online from 480x270 JPEGs" in text and "crops packed at 64" in text
 
 
 def test_memory_child_reports_peak_rss(tmp_path):

@@ -1,7 +1,8 @@
 """dd_jax against the PyTorch original on this machine: prints a table and writes JSON.
 
-Rows: pose train step, pose inference, MANO forward, input pipeline, peak memory of the train
-step (separate processes) and train-step compile time. Both frameworks use the same threads,
+Rows: pose train step, pose inference, MANO forward, input pipeline, the input pipeline at real
+sizes per core (tools/bench_input.py: 4K online frames, 1200 px precrops, packed crops), peak
+memory of the train step (separate processes) and train-step compile time. Both frameworks use the same threads,
 float32, shapes and weights; warm-up is excluded; each time is the median of several repeats,
 taken alternately (torch, jax, jax, torch, ...) so that load from elsewhere hits both alike.
 
@@ -33,9 +34,10 @@ for _path in (ROOT, os.path.join(ROOT, "tests")):  # dd_jax and tests/reference
   if _path not in sys.path:
     sys.path.insert(0, _path)
 
+import bench_input  # noqa: E402  (tools/, beside this script)
 import numpy as np  # noqa: E402
 
-ROWS = ("train", "infer", "mano", "pipeline", "memory", "compile", "hamer", "e2e")
+ROWS = ("train", "infer", "mano", "pipeline", "input", "memory", "compile", "hamer", "e2e")
 
 
 @dataclasses.dataclass
@@ -52,6 +54,9 @@ class Settings:
   pipeline_samples: int = 24  # per repeat
   crop_size: int = 512  # the decoded JPEG crops (frame and base)
   out_size: int = 384
+  input_frame: tuple = (3840, 2160)  # the input row: online-mode frames, precrops, packed crops
+  input_crop: int = 1200
+  input_samples: int = 2  # per timed call
   compile_depths: tuple = (6, 12, 24)  # with n_unfrozen fixed: frozen blocks grow
   compile_unfrozen: tuple = (0, 12)  # at the variant's depth
   memory_steps: int = 3
@@ -70,6 +75,7 @@ class Settings:
                                              ffn_hidden=128, qkv_bias=True),
                image_size=32, batch=2, n_unfrozen=1, warmup=1, repeats=2, mano_batches=(1, 64),
                mano_seconds=0.05, pipeline_samples=2, crop_size=96, out_size=64,
+               input_frame=(480, 270), input_crop=200, input_samples=1,
                compile_depths=(1, 2), compile_unfrozen=(0,), memory_steps=1, matmul_sizes=(256,),
                hamer_size="tiny", hamer_batches=(1, 2), e2e_frames=3)
 
@@ -752,6 +758,8 @@ def table(results: dict[str, Any]) -> str:
     lines.append(f"| input pipeline ({r['crop_size']}px JPEG pair -> {r['out_size']}px) | "
                  f"{r['jax']['samples_per_s']:.1f} samples/s | {r['torch']['samples_per_s']:.1f} "
                  f"samples/s (torchvision emulated) | {r['ratio']:.2f}x | >= 2x |")
+  if "input" in rows:
+    lines += bench_input.table_lines(rows["input"])
   if "memory" in rows:
     r = rows["memory"]
     lines.append(f"| peak RSS, train step | {r['jax']['peak_rss_mib']:,.0f} MiB | "
@@ -792,7 +800,7 @@ def table(results: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
-NEEDS_TORCH = ("mano", "pipeline", "memory")
+NEEDS_TORCH = ("mano", "pipeline", "input", "memory")
 
 
 def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -827,6 +835,11 @@ def run(s: Settings, rows: tuple[str, ...], log: Callable[[str], None] = print) 
   if "pipeline" in rows:
     log("input pipeline ...")
     results["rows"]["pipeline"] = bench_pipeline(s)
+  if "input" in rows:
+    log("input pipeline at real sizes, one core ...")
+    sizes = bench_input.InputSizes(tuple(s.input_frame), s.input_crop, s.out_size,
+                                   s.input_samples)
+    results["rows"]["input"] = bench_input.run_row(sizes, s.repeats, compare, median)
   if "memory" in rows:
     log("peak memory (child processes) ...")
     results["rows"]["memory"] = bench_memory(s, mano_dir)

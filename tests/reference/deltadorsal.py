@@ -359,6 +359,28 @@ def original_sample(img_jpeg: bytes, base_jpeg: bytes, transform: TorchvisionSty
   return out
 
 
+def original_online_sample(img_jpeg: bytes, base_jpeg: bytes, K: np.ndarray, d: np.ndarray,
+                           frame_kp: np.ndarray, base_kp: np.ndarray,
+                           transform: TorchvisionStyleTransform):
+  """The original's online-mode image work as its code lays it out (SPEC.md §4; its own online
+  mode never runs, see there): decode both, cv2.undistort both full images, homography from the
+  projected keypoints (given here in pixels), warp the whole base to the frame's size (cubic),
+  crop both around the frame keypoints, transform both."""
+  images = []
+  for data in (img_jpeg, base_jpeg):
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    images.append(cv2.undistort(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), K, d))
+  img, base = images
+  align, crop = [0, 1, 5, 17], [0, 1, 2, 5, 9, 13, 17]
+  H, _ = cv2.findHomography(base_kp[align], frame_kp[align], cv2.RANSAC, 3.0)
+  h, w = img.shape[:2]
+  warped = cv2.warpPerspective(base, H, (w, h), flags=cv2.INTER_CUBIC)
+  pts = frame_kp[crop]
+  x0, x1 = max(int(pts[:, 0].min()) - 50, 0), min(int(pts[:, 0].max()) + 101, w)
+  y0, y1 = max(int(pts[:, 1].min()) - 50, 0), min(int(pts[:, 1].max()) + 51, h)
+  return [transform(np.ascontiguousarray(x[y0:y1, x0:x1])) for x in (img, warped)]
+
+
 # ------------------------------------------------------------------ weights -> dd_jax
 
 
