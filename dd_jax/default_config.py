@@ -65,6 +65,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # auto | custom_vjp | autodiff: how the blocks' backward passes are built (dd_jax/kernels.py);
   # auto picks by backend and CPU flags, DD_JAX_DINOV3_IMPL in the environment overrides it.
   c.model.backbone.impl = "auto"
+  # Training only: RoPE coordinates times exp(U(-ln r, ln r)), a factor per block and backbone
+  # call, as the original's train-mode backbone (Meta's rescale_coords=2); 0 = off. Never in eval.
+  c.model.backbone.rope_rescale = 2.0
   c.model.change = ml_collections.ConfigDict()
   c.model.change.out_dim = 256
   c.model.change.use_delta = True

@@ -25,8 +25,9 @@ class Task(Protocol):
 
   consts: dict[str, Any]  # fixed arrays the steps take as an argument (MANO model, class weights)
 
-  def loss(self, model, batch, consts) -> tuple[Any, dict[str, Any]]:
-    """Train step: (scalar loss to minimise, extra scalars to log)."""
+  def loss(self, model, batch, consts, rng) -> tuple[Any, dict[str, Any]]:
+    """Train step: (scalar loss to minimise, extra scalars to log); the network in train mode,
+    its randomness (RoPE rescale) drawn from `rng`."""
 
   def evaluate(self, model, batch, consts) -> tuple[dict[str, Any], dict[str, Any]]:
     """Eval step: (metric sums and counts of the batch, per-frame outputs)."""
@@ -56,9 +57,9 @@ class PoseTask:
         config.mano.path, tip_ids=tuple(config.mano.tip_ids))}
     self.faces = np.asarray(self.consts["mano"].faces)
 
-  def _forward(self, model, batch, consts):
+  def _forward(self, model, batch, consts, rope_scale=None):
     """(network outputs, per-sample losses, the batch's reduced losses)."""
-    out = model(batch["img"], batch["base_img"], batch["hamer_pose"])
+    out = model(batch["img"], batch["base_img"], batch["hamer_pose"], rope_scale=rope_scale)
     per_sample = losses.pose_losses(consts["mano"], out["theta"], batch["gt_pose"],
                                     batch["hamer_shape"])
     reduced = losses.reduce_pose_loss(per_sample, batch["valid"],
@@ -66,8 +67,8 @@ class PoseTask:
                                       pose_weight=self.config.loss.pose_weight)
     return out, per_sample, reduced
 
-  def loss(self, model, batch, consts):
-    _, _, reduced = self._forward(model, batch, consts)
+  def loss(self, model, batch, consts, rng):
+    _, _, reduced = self._forward(model, batch, consts, train_rope_scale(model, rng, self.config))
     return reduced["loss"], {"keypoint_loss": reduced["keypoint"], "pose_loss": reduced["pose"]}
 
   def evaluate(self, model, batch, consts):
@@ -124,8 +125,9 @@ class ForceTask:
     self.config = config
     self.consts = {"class_weights": jnp.asarray(losses.class_weights(config.loss.class_counts))}
 
-  def loss(self, model, batch, consts):
-    logits = model(batch["img"], batch["base_img"])
+  def loss(self, model, batch, consts, rng):
+    logits = model(batch["img"], batch["base_img"],
+                   rope_scale=train_rope_scale(model, rng, self.config))
     per_sample = losses.force_loss(logits, batch["tap_label"], consts["class_weights"])
     return losses.reduce_force_loss(per_sample, batch["valid"]), {}
 
@@ -167,6 +169,11 @@ class ForceTask:
                      f"{results[f'{split}/f1_w']:.3f}   majority-class weighted F1 "
                      f"{results[f'{split}/f1_w_majority']:.3f}")
     return "\n".join(lines)
+
+
+def train_rope_scale(model, rng, config: ml_collections.ConfigDict):
+  """The train-mode RoPE factors of one step (model.backbone.rope_rescale; None when 0)."""
+  return model.draw_rope_scale(rng, config.model.backbone.rope_rescale)
 
 
 def majority_f1(confusion: np.ndarray) -> float:

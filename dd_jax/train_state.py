@@ -53,15 +53,20 @@ class TrainSetup:
 # ------------------------------------------------------------------ the steps
 
 
-def step_rng(seed: int, step) -> jax.Array:
-  """The train step's randomness: a function of the seed and the step, so a resumed run draws
-  what the uninterrupted one drew."""
-  return jax.random.fold_in(jax.random.key(seed), step)
+AUGMENT, NETWORK = 0, 1  # the train step's independent random streams
+
+
+def step_rng(seed: int, step, stream: int = AUGMENT) -> jax.Array:
+  """The train step's randomness for one stream (AUGMENT: on-device augmentation, NETWORK: the
+  network's train mode, RoPE rescale): a function of the seed, the step and the stream, so a
+  resumed run draws what the uninterrupted one drew and the streams are independent."""
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), step), stream)
 
 
 def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable, seed: int = 0,
                     augment: transforms.AugmentConfig | None = None) -> Callable:
-  """(state, frozen, batch, consts) -> (state, metrics); `loss_fn(model, batch, consts) -> (loss, aux)`.
+  """(state, frozen, batch, consts) -> (state, metrics);
+  `loss_fn(model, batch, consts, rng) -> (loss, aux)`, rng = step_rng(seed, step, NETWORK).
 
   update: `optim.make_update`'s (state, grads) -> state after the optimizer step.
   uint8 batch images (data.augment_on_device) are augmented with `augment` (None: only
@@ -75,11 +80,12 @@ def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable,
   """
 
   def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], consts):
-    batch = device_augment.model_inputs(batch, step_rng(seed, state["step"]), augment)
+    batch = device_augment.model_inputs(batch, step_rng(seed, state["step"], AUGMENT), augment)
+    rng = step_rng(seed, state["step"], NETWORK)
 
     def compute_loss(trainable):
       model = nnx.merge(graphdef, trainable, frozen)
-      return loss_fn(model, batch, consts)
+      return loss_fn(model, batch, consts, rng)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
     # A branch rather than a select between new and old: selecting keeps a copy of the old

@@ -167,8 +167,8 @@ def test_steps_prepare_uint8_batches():
   state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                plateau=optim.plateau_init(config))
 
-  def loss_fn(model, batch, consts):
-    del consts
+  def loss_fn(model, batch, consts, rng):
+    del consts, rng
     return jnp.sum(model.kernel) + jnp.mean(batch["img"]), {"img": batch["img"],
                                                             "base_img": batch["base_img"]}
 

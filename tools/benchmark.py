@@ -238,6 +238,14 @@ class JaxPose:
   def batch(self, host):
     return self.parallel.global_batch(self.mesh, host)
 
+  def rope_scale(self, step: int):
+    """The train-mode RoPE factors (depth, 2) that the train step draws at `step`, or None."""
+    from dd_jax import train_state  # pylint: disable=import-outside-toplevel
+    config = self.built.config
+    key = train_state.step_rng(config.seed, step, train_state.NETWORK)
+    scale = self.built.model().draw_rope_scale(key, config.model.backbone.rope_rescale)
+    return None if scale is None else np.asarray(scale)
+
   def compile_train_step(self, host) -> dict[str, float]:
     """Times tracing+lowering and compilation of the train step; returns them and XLA's FLOPs."""
     start = time.perf_counter()
@@ -295,10 +303,12 @@ def bench_pose(s: Settings, peak: float, mano_dir: str) -> dict[str, Any]:
   # The first step of each: its loss and gradient norm come from the same weights and batch
   # (before the update), so they check that both sides compute the same thing.
   parity: dict[str, Any] = {}
+  first_rope_scale = jax_pose.rope_scale(step=0)  # drawn by dd_jax's first step; torch uses it
   first = {"jax": _time(lambda: parity.update(jax=jax_pose.train_step(host)))}
   train_fns, infer_fns = {"jax": lambda: jax_pose.train_step(host)}, {"jax": lambda: jax_pose.infer(host)}
   if torch_runner is not None:
-    first["torch"] = _time(lambda: parity.update(torch=torch_runner.train_step(host)))
+    first["torch"] = _time(lambda: parity.update(
+        torch=torch_runner.train_step(host, rope_scale=first_rope_scale)))
     for key in ("loss", "grad_norm"):
       parity[f"rel_{key}_diff"] = abs(parity["jax"][key] / parity["torch"][key] - 1)
     train_fns["torch"] = lambda: torch_runner.train_step(host)
@@ -500,7 +510,8 @@ def compile_time(s: Settings, depth: int, n_unfrozen: int) -> dict[str, float]:
   tx = optim.make_optimizer(config)
   state = jax.eval_shape(train_state.init_fn(config, tx), trainable)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch(s))
-  step = jax.jit(train_state.make_train_step(graphdef, optim.make_update(config, tx), task.loss),
+  step = jax.jit(train_state.make_train_step(graphdef, optim.make_update(config, tx), task.loss,
+                                             config.seed),
                  donate_argnums=(0,))
   start = time.perf_counter()
   lowered = step.lower(state, frozen, batch, task.consts)

@@ -245,23 +245,39 @@ class _DeltaDorsalNet(nnx.Module):
     self.change = ChangeEncoder(backbone_config.dim, change_dim, use_delta=use_delta,
                                 use_orig_feat=use_orig_feat, rngs=rngs)
 
-  def features(self, img: jax.Array, base_img: jax.Array) -> jax.Array:
+  def features(self, img: jax.Array, base_img: jax.Array,
+               rope_scale: jax.Array | None = None) -> jax.Array:
     """img, base_img (B, S, S, 3) NHWC -> change features (B, S/16, S/16, change_dim).
 
     Both images go through the backbone as one batch. Without use_delta the original still
     encodes the base image and then ignores it; here it is skipped (same output, half the cost).
+    rope_scale: None (eval), or the train-mode RoPE factors (depth, streams) of `draw_rope_scale`.
     """
     if self.change.use_delta:
       b = img.shape[0]
       # Interleaved (img0, base0, img1, base1, ...) rather than [img; base]: under a batch-
       # sharded mesh every device then keeps its own rows and no data moves between devices.
+      # Row r is stream r % 2, so rope_scale[:, 0] rescales the images, [:, 1] the bases.
       pair = jnp.stack([img, base_img], axis=1).reshape((2 * b,) + img.shape[1:])
-      feats = self.backbone(pair)
+      feats = self.backbone(pair, rope_scale=rope_scale)
       feats = feats.reshape((b, 2) + feats.shape[1:])
       ft, f0 = feats[:, 0], feats[:, 1]
     else:
-      ft, f0 = self.backbone(img), None
+      ft, f0 = self.backbone(img, rope_scale=rope_scale), None
     return self.change(ft.astype(jnp.float32), None if f0 is None else f0.astype(jnp.float32))
+
+  def draw_rope_scale(self, rng: jax.Array, max_scale: float) -> jax.Array | None:
+    """Train-mode RoPE factors (depth, streams), streams = [image, base] (or [image] without
+    use_delta); None when max_scale is 0 (off).
+
+    The original fine-tunes with the backbone in train mode, where Meta's RoPE draws a factor
+    in every block of every forward, frozen blocks included, and it encodes the image and the
+    base in two forwards: one independent factor per block and per stream.
+    """
+    if not max_scale:
+      return None
+    streams = 2 if self.change.use_delta else 1
+    return dinov3.draw_rope_scale(rng, (self.backbone.config.depth, streams), max_scale)
 
 
 class PoseNet(_DeltaDorsalNet):
@@ -277,10 +293,12 @@ class PoseNet(_DeltaDorsalNet):
     self.head = ResidualPoseHead(change_dim, out_dim, prior_dim, hidden, use_prior=use_prior,
                                  use_film=use_film, gated=gated, pool=pool, rngs=rngs)
 
-  def __call__(self, img: jax.Array, base_img: jax.Array,
-               prior: jax.Array | None = None) -> dict[str, jax.Array]:
-    """img, base_img (B,S,S,3), prior (B,45) -> {theta, delta, gate}, each (B,45)."""
-    theta, delta, gate = self.head(self.features(img, base_img), prior)
+  def __call__(self, img: jax.Array, base_img: jax.Array, prior: jax.Array | None = None, *,
+               rope_scale: jax.Array | None = None) -> dict[str, jax.Array]:
+    """img, base_img (B,S,S,3), prior (B,45) -> {theta, delta, gate}, each (B,45).
+
+    rope_scale: train mode (`draw_rope_scale`); None (eval) by default."""
+    theta, delta, gate = self.head(self.features(img, base_img, rope_scale), prior)
     return {"theta": theta, "delta": delta, "gate": gate}
 
 
@@ -295,8 +313,10 @@ class ForceNet(_DeltaDorsalNet):
                      backbone_impl)
     self.head = ForceHead(change_dim, out_dim, n_classes, hidden, pool=pool, rngs=rngs)
 
-  def __call__(self, img: jax.Array, base_img: jax.Array) -> jax.Array:
-    return self.head(self.features(img, base_img))
+  def __call__(self, img: jax.Array, base_img: jax.Array, *,
+               rope_scale: jax.Array | None = None) -> jax.Array:
+    """img, base_img (B,S,S,3) -> logits (B, out_dim, n_classes); rope_scale as PoseNet's."""
+    return self.head(self.features(img, base_img, rope_scale))
 
 
 # ---------------------------------------------------------------------------------------------

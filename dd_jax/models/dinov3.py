@@ -1,7 +1,8 @@
 """DINOv3 ViT backbone (Meta's seven released sizes and custom ones) in Flax NNX.
 
-Computes what Meta's `DinoVisionTransformer` computes in eval mode (SPEC.md §2.1): patch features
-after the final LayerNorm, with the class and storage tokens available on request.
+Computes what Meta's `DinoVisionTransformer` computes (SPEC.md §2.1): patch features after the
+final LayerNorm, with the class and storage tokens available on request. Eval mode by default;
+given `rope_scale`, the train-mode RoPE coordinate rescale of Meta's released configs.
 """
 
 from __future__ import annotations
@@ -274,23 +275,36 @@ class QKVProjection(nnx.Module):
     return y
 
 
-def rope_cos_sin(periods: jax.Array, h: int, w: int, num_prefix_tokens: int
-                 ) -> tuple[jax.Array, jax.Array]:
-  """cos, sin (T, head_dim) float32 for [prefix tokens, h*w patches].
+def rope_cos_sin(periods: jax.Array, h: int, w: int, num_prefix_tokens: int,
+                 scale: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """cos, sin (T, head_dim) float32 for [prefix tokens, h*w patches]; with `scale` (G,) they are
+  (G, T, head_dim), group g's patch coordinates multiplied by scale[g].
 
-  Patch (i, j) has y = 2(i+0.5)/h - 1, x = 2(j+0.5)/w - 1; angles = 2pi [y/periods, x/periods],
-  tiled twice. Prefix tokens get cos 1, sin 0: rotating them is then exactly the identity.
+  Patch (i, j) has y = 2(i+0.5)/h - 1, x = 2(j+0.5)/w - 1 (times the scale: Meta's train-time
+  `rescale_coords`, both axes alike); angles = 2pi [y/periods, x/periods], tiled twice. Prefix
+  tokens get cos 1, sin 0: rotating them is then exactly the identity.
   """
   periods = periods.astype(jnp.float32)
   ys = 2.0 * (jnp.arange(h, dtype=jnp.float32) + 0.5) / h - 1.0
   xs = 2.0 * (jnp.arange(w, dtype=jnp.float32) + 0.5) / w - 1.0
   coords = jnp.stack(jnp.meshgrid(ys, xs, indexing="ij"), axis=-1).reshape(h * w, 2)
-  angles = 2.0 * jnp.pi * coords[:, :, None] / periods[None, None, :]  # (hw, 2, hd/4)
-  angles = jnp.tile(angles.reshape(h * w, -1), (1, 2))  # (hw, hd)
-  head_dim = angles.shape[-1]
-  cos = jnp.concatenate([jnp.ones((num_prefix_tokens, head_dim), jnp.float32), jnp.cos(angles)])
-  sin = jnp.concatenate([jnp.zeros((num_prefix_tokens, head_dim), jnp.float32), jnp.sin(angles)])
+  if scale is not None:
+    coords = coords * jnp.asarray(scale, jnp.float32)[:, None, None]  # (G, hw, 2)
+  lead = coords.shape[:-2]
+  angles = 2.0 * jnp.pi * coords[..., None] / periods  # (..., hw, 2, hd/4)
+  angles = angles.reshape(lead + (h * w, -1))
+  angles = jnp.concatenate([angles, angles], axis=-1)  # (..., hw, hd)
+  prefix = lead + (num_prefix_tokens, angles.shape[-1])
+  cos = jnp.concatenate([jnp.ones(prefix, jnp.float32), jnp.cos(angles)], axis=-2)
+  sin = jnp.concatenate([jnp.zeros(prefix, jnp.float32), jnp.sin(angles)], axis=-2)
   return cos, sin
+
+
+def draw_rope_scale(rng: jax.Array, shape: tuple[int, ...], max_scale: float) -> jax.Array:
+  """Meta's train-time RoPE rescale factors: exp(U(-ln max_scale, ln max_scale)) float32, i.e.
+  log-uniform on [1/max_scale, max_scale] (released models: max_scale 2)."""
+  log_max = math.log(max_scale)
+  return jnp.exp(jax.random.uniform(rng, shape, jnp.float32, -log_max, log_max))
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -322,10 +336,14 @@ class Attention(nnx.Module):
     b, t, d = x.shape
     n = self.num_heads
     qkv = self.qkv(x).reshape(b, t, 3, n, d // n)
-    if cos is None:
+    if cos is None:  # no RoPE (HaMeR's ViTPose blocks)
       rope = lambda a: a
-    else:
+    elif cos.ndim == 2:  # one table for every row
       rope = lambda a: apply_rope(a, cos[:, None], sin[:, None])
+    else:  # a table per group (G, T, hd): batch row r belongs to group r % G
+      g = cos.shape[0]
+      rope = lambda a: apply_rope(a.reshape((b // g, g) + a.shape[1:]), cos[:, :, None],
+                                  sin[:, :, None]).reshape(a.shape)
     if self.attention_implementation is not None:  # e.g. "cudnn": a fused kernel on GPUs
       out = jax.nn.dot_product_attention(rope(qkv[:, :, 0]), rope(qkv[:, :, 1]), qkv[:, :, 2],
                                          implementation=self.attention_implementation)
@@ -546,9 +564,13 @@ class DinoV3(nnx.Module):
         for _ in range(config.depth)])
     self.norm = LayerNorm(d, config.ln_eps, out_dtype=jnp.float32)
 
-  def __call__(self, images: jax.Array, *, return_extras: bool = False
-               ) -> jax.Array | dict[str, Any]:
+  def __call__(self, images: jax.Array, *, rope_scale: jax.Array | None = None,
+               return_extras: bool = False) -> jax.Array | dict[str, Any]:
     """images (B, H, W, 3) NHWC, H and W multiples of the patch size.
+
+    rope_scale: None (eval mode), or (depth, G) train-mode RoPE rescale factors: block i
+    multiplies the patch coordinates of batch rows r with r % G == g by rope_scale[i, g] (Meta
+    draws a factor per block and forward; G > 1 runs several forwards as one batch).
 
     Returns the final-normed patch features (B, H/p, W/p, D) float32; with return_extras a dict
     {"patch": that, "cls": (B, D), "storage": (B, S, D) (both final-normed), "blocks": a list of
@@ -565,14 +587,22 @@ class DinoV3(nnx.Module):
     d = self.config.dim
     prefix = jnp.concatenate([self.cls_token[...], self.storage_tokens[...]], axis=1)
     x = jnp.concatenate([jnp.broadcast_to(prefix, (b, prefix.shape[1], d)), patches], axis=1)
-    cos, sin = rope_cos_sin(self.rope_periods[...], h, w, self.config.num_prefix_tokens)
+    n = self.config.num_prefix_tokens
+    periods = self.rope_periods[...]
+    if rope_scale is None:
+      tables = [rope_cos_sin(periods, h, w, n)] * len(self.blocks)
+    else:
+      rope_scale = jnp.asarray(rope_scale, jnp.float32)
+      if rope_scale.ndim != 2 or rope_scale.shape[0] != len(self.blocks) or b % rope_scale.shape[1]:
+        raise ValueError(f"rope_scale of shape {rope_scale.shape}: expected (depth "
+                         f"{len(self.blocks)}, groups) with the batch {b} a multiple of groups")
+      tables = [rope_cos_sin(periods, h, w, n, scale) for scale in rope_scale]
     block_outputs = []
-    for block in self.blocks:
+    for block, (cos, sin) in zip(self.blocks, tables):
       x = block(x, cos, sin)
       if return_extras:
         block_outputs.append(x)
     x = self.norm(x)
-    n = self.config.num_prefix_tokens
     patch = x[:, n:].reshape(b, h, w, d)
     if not return_extras:
       return patch

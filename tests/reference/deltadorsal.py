@@ -8,6 +8,7 @@ dd_jax; `jax_params` copies its weights into a dd_jax PoseNet so the two can be 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -27,11 +28,11 @@ DELTADORSAL_TIP_IDS = [743, 333, 443, 554, 671]
 # ------------------------------------------------------------------ backbone
 
 
-def hf_config(config, *, attn_implementation: str = "sdpa"):
+def hf_config(config, *, attn_implementation: str = "sdpa", rope_rescale: float | None = None):
   """A dd_jax DinoV3Config -> transformers DINOv3ViTConfig of the same network.
 
-  pos_embed_rescale=None: the RoPE coordinate augmentation is off (dd_jax has none by default),
-  so train and eval compute the same function in both implementations.
+  rope_rescale: transformers' pos_embed_rescale, the train-mode RoPE coordinate rescale (Meta's
+  rescale_coords; 2 in the released models); None: off, so train and eval compute the same.
   """
   from transformers import DINOv3ViTConfig  # pylint: disable=import-outside-toplevel
   ffn = (dict(use_gated_mlp=False, hidden_act="gelu") if config.ffn == "mlp"
@@ -41,23 +42,66 @@ def hf_config(config, *, attn_implementation: str = "sdpa"):
       num_attention_heads=config.num_heads, intermediate_size=config.ffn_hidden,
       patch_size=config.patch_size, num_register_tokens=config.num_storage_tokens,
       layer_norm_eps=config.ln_eps, rope_theta=config.rope_base, query_bias=config.qkv_bias,
-      value_bias=config.qkv_bias, pos_embed_rescale=None, attn_implementation=attn_implementation,
-      **ffn)
+      value_bias=config.qkv_bias, pos_embed_rescale=rope_rescale,
+      attn_implementation=attn_implementation, **ffn)
+
+
+@contextlib.contextmanager
+def forced_rope_draws(factors):
+  """transformers' train-mode RoPE draws (`torch.empty(1).uniform_(-ln r, ln r).exp()` in
+  augment_patches_center_coordinates) return `factors` in turn instead of random ones."""
+  logs = [float(np.log(f)) for f in np.asarray(factors, np.float64).reshape(-1)]
+  uniform = torch.Tensor.uniform_
+
+  def forced(tensor, low=0.0, high=1.0, **kwargs):
+    del kwargs
+    value = logs.pop(0)
+    assert low <= value <= high, (value, low, high)
+    return tensor.fill_(value)
+
+  torch.Tensor.uniform_ = forced
+  try:
+    yield
+  finally:
+    torch.Tensor.uniform_ = uniform
+  assert not logs, f"{len(logs)} forced RoPE factors were not drawn"
+
+
+def per_block_rope_forward(model, images: torch.Tensor, streams: int = 1) -> torch.Tensor:
+  """DINOv3ViTModel's last_hidden_state with the RoPE tables drawn anew for every block, as
+  Meta's get_intermediate_layers does (transformers draws once per forward): in train mode each
+  block rescales its coordinates by its own factor. The batch holds `streams` equal parts (the
+  original's separate forwards, e.g. [images; bases]), each with its own draw, stream order."""
+  hidden = model.embeddings(images)
+  rows = images.shape[0] // streams
+  for layer in model.model.layer:
+    tables = [model.rope_embeddings(images) for _ in range(streams)]
+    cos, sin = (torch.stack([t[k] for t in tables]).repeat_interleave(rows, 0)[:, None]
+                for k in (0, 1))  # (B, 1, patches, head_dim)
+    hidden = layer(hidden, position_embeddings=(cos, sin))
+  return model.norm(hidden)
 
 
 class Backbone(nn.Module):
-  """DINOv3ViTModel -> final-normed patch features (B, D, H/16, W/16), prefix tokens dropped."""
+  """DINOv3ViTModel -> final-normed patch features (B, D, H/16, W/16), prefix tokens dropped.
+  In train mode with a rope_rescale, the RoPE factors are drawn per block (Meta's behaviour)."""
 
-  def __init__(self, config, *, attn_implementation: str = "sdpa"):
+  def __init__(self, config, *, attn_implementation: str = "sdpa",
+               rope_rescale: float | None = None):
     super().__init__()
     from transformers import DINOv3ViTModel  # pylint: disable=import-outside-toplevel
-    self.model = DINOv3ViTModel(hf_config(config, attn_implementation=attn_implementation))
+    self.model = DINOv3ViTModel(hf_config(config, attn_implementation=attn_implementation,
+                                          rope_rescale=rope_rescale))
     self.num_prefix = 1 + config.num_storage_tokens
     self.patch_size = config.patch_size
 
-  def forward(self, images: torch.Tensor) -> torch.Tensor:
+  def forward(self, images: torch.Tensor, streams: int = 1) -> torch.Tensor:
     b, _, height, width = images.shape
-    tokens = self.model(pixel_values=images).last_hidden_state[:, self.num_prefix:]
+    if self.training and self.model.config.pos_embed_rescale:
+      tokens = per_block_rope_forward(self.model, images, streams)
+    else:
+      tokens = self.model(pixel_values=images).last_hidden_state
+    tokens = tokens[:, self.num_prefix:]
     h, w = height // self.patch_size, width // self.patch_size
     return tokens.transpose(1, 2).reshape(b, -1, h, w)
 
@@ -151,9 +195,10 @@ class PoseNet(nn.Module):
 
   def __init__(self, backbone_config, *, change_dim: int = 256, use_orig_feat: bool = True,
                hidden: int = 512, use_prior: bool = False, attn_implementation: str = "sdpa",
-               separate_backbone_calls: bool = False):
+               separate_backbone_calls: bool = False, rope_rescale: float | None = None):
     super().__init__()
-    self.backbone = Backbone(backbone_config, attn_implementation=attn_implementation)
+    self.backbone = Backbone(backbone_config, attn_implementation=attn_implementation,
+                             rope_rescale=rope_rescale)
     self.change = ChangeEncoder(backbone_config.dim, change_dim, True, use_orig_feat)
     self.head = PoseHead(change_dim, 45, hidden, use_prior=use_prior)
     self.separate = separate_backbone_calls
@@ -162,7 +207,7 @@ class PoseNet(nn.Module):
     if self.separate:
       ft, f0 = self.backbone(img), self.backbone(base_img)
     else:
-      ft, f0 = self.backbone(torch.cat([img, base_img])).chunk(2)
+      ft, f0 = self.backbone(torch.cat([img, base_img]), streams=2).chunk(2)
     return self.head(self.change(ft, f0), prior)
 
 
@@ -192,9 +237,10 @@ class PoseRunner:
   """The pose network, smplx MANO, AdamW and a train step over numpy NHWC batches (the dict
   layout of dd_jax's batches); what the benchmark times and its memory child runs."""
 
-  def __init__(self, backbone_config, n_unfrozen: int, mano_dir: str, *, seed: int = 0):
+  def __init__(self, backbone_config, n_unfrozen: int, mano_dir: str, *, seed: int = 0,
+               rope_rescale: float | None = 2.0):
     torch.manual_seed(seed)
-    self.net = PoseNet(backbone_config)
+    self.net = PoseNet(backbone_config, rope_rescale=rope_rescale)  # dd_jax's default: 2
     randomise_last_layer(self.net)  # theta then depends on the whole network (parity checks)
     self.trainable = freeze(self.net, n_unfrozen)
     self.optimizer = make_optimizer(self.trainable)
@@ -207,9 +253,12 @@ class PoseRunner:
     return (t(batch["img"]).permute(0, 3, 1, 2), t(batch["base_img"]).permute(0, 3, 1, 2),
             t(batch["hamer_pose"]), t(batch["gt_pose"]), t(batch["hamer_shape"]))
 
-  def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+  def train_step(self, batch: dict[str, np.ndarray], rope_scale=None) -> dict[str, float]:
+    """rope_scale: (depth, 2) RoPE factors [image, base] per block to use instead of random
+    draws (dd_jax's `draw_rope_scale` layout), to compare a step with dd_jax's."""
     self.net.train()
-    loss, grad_norm = self.step_fn(*self.tensors(batch))
+    with (forced_rope_draws(rope_scale) if rope_scale is not None else contextlib.nullcontext()):
+      loss, grad_norm = self.step_fn(*self.tensors(batch))
     return {"loss": float(loss), "grad_norm": float(grad_norm)}
 
   def infer(self, batch: dict[str, np.ndarray]) -> torch.Tensor:
