@@ -16,6 +16,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.train = True
   c.test = True
   c.ckpt_path = ""  # resume from (train=True) or evaluate (train=False) this checkpoint
+  # Fine-tune from: a dd_jax run or step, a converted DeltaDorsal checkpoint, or a converted
+  # DINOv3 backbone; parameters loaded, optimizer fresh. A run with checkpoints resumes instead.
+  c.init_from = ""
   c.max_epochs = 10
   c.min_epochs = 1
   c.early_stopping_patience = 0  # epochs without improvement of the best metric; 0 = off

@@ -48,6 +48,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   log.info("mesh: %d devices over %d processes (%s)", jax.device_count(), jax.process_count(),
            jax.devices()[0].platform)
 
+  # ---------------------------------------------------------------- where the run starts
+  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.best_metric,
+                                       config.best_mode)
+  source = checkpointing.resume_point(config, manager)
+  if source is not None and source.converted:  # testing a converted original: its network
+    config = source.config
+
   # ---------------------------------------------------------------- data, model, optimizer
   prepare_data(config.data, config.task)
   if config.task == "force" and not config.loss.class_counts:
@@ -71,16 +78,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"```\n{config}\n```\n\nparameters: {n_total:,} total\n\n```\n{groups}\n```")
 
   # ---------------------------------------------------------------- restore
-  manager = checkpointing.make_manager(os.path.join(workdir, "checkpoints"), config.best_metric,
-                                       config.best_mode)
   train_iter = iter(train_loader) if train_loader is not None else None
   epoch, progress = 0, {"best": None, "stale_epochs": 0}
-  source = checkpointing.resume_point(config, manager)
   if source is not None:
-    state, frozen, meta = checkpointing.restore_training(*source, state, frozen, train_iter)
+    state, frozen, meta = checkpointing.restore(source, setup, train_iter)
     epoch = meta["epoch"]
     progress = {k: meta.get(k, v) for k, v in progress.items()}
-    log.info("restored %s (epoch %d, step %d)", source, epoch, int(state["step"]))
+    log.info("restored %s (epoch %d, step %d)", source.path, epoch, int(state["step"]))
+  elif config.train and config.init_from:
+    state, frozen = checkpointing.initial_state(config.init_from, setup)
+    log.info("initialised from %s: parameters loaded, fresh optimizer", config.init_from)
 
   try:
     # ---------------------------------------------------------------- train

@@ -274,6 +274,9 @@ def load(path: str, *, config: ml_collections.ConfigDict | None = None, step: in
     (default: the first device alone).
   """
   checkpoint = checkpointing.find(path, step=step, config=config)
+  if checkpoint.config is None:
+    raise ValueError(f"{path}: a converted DINOv3 backbone has no DeltaDorsal heads; train "
+                     f"from it (--config.init_from or --config.model.backbone.weights)")
   predictor_config = ml_collections.ConfigDict(checkpoint.config.to_dict())
   predictor_config.model.backbone.weights = ""  # the checkpoint holds the whole backbone
   if backbone_dtype:

@@ -41,33 +41,41 @@ def _listing(label: str, keys: list[str]) -> str:
   return f"{label}: " + ", ".join(keys) + count
 
 
-def assign_params(module: nnx.Module, params: dict, *, source: str = "params",
-                  allow_missing: tuple[str, ...] = ()) -> None:
-  """Copies a nested dict of arrays (the layout of nnx.to_pure_dict(nnx.state(module)); block
-  indices int or str) into `module` with nnx.update.
-
-  Every nnx.Param must be given with its exact shape, except paths starting with one of
-  `allow_missing` (dotted prefixes); other variables (RoPE periods) are optional. Arrays take
-  the existing variables' dtype and sharding, so this works on a sharded model (and on an
-  abstract one from nnx.eval_shape, whose arrays then land on the default device). All problems
-  are reported at once, naming `source`.
-  """
-  state = nnx.state(module)
-  current = {path_str(path): (path, var) for path, var in nnx.to_flat_state(state)}
-  given = {path_str(path): value for path, value in flatten_params(params)}
+def fit_problems(state: nnx.State, shapes: dict[str, tuple], *,
+                 allow_missing: tuple[str, ...] = ()) -> list[str]:
+  """What keeps arrays of `shapes` ({"blocks.1.attn...": shape}) from filling `state`: every
+  nnx.Param must be given (except under the dotted prefixes `allow_missing`) with its exact
+  shape; other variables (RoPE periods) are optional; nothing else may be given."""
+  current = {path_str(path): var for path, var in nnx.to_flat_state(state)}
   problems = []
-  unexpected = sorted(set(given) - set(current))
-  missing = sorted(k for k, (_, var) in current.items()
-                   if k not in given and isinstance(var, nnx.Param)
+  unexpected = sorted(set(shapes) - set(current))
+  missing = sorted(k for k, var in current.items()
+                   if k not in shapes and isinstance(var, nnx.Param)
                    and not any(k == p or k.startswith(p + ".") for p in allow_missing))
   if missing:
     problems.append(_listing("missing", missing))
   if unexpected:
     problems.append(_listing("unexpected", unexpected))
-  for key, value in given.items():
-    if key in current and tuple(jnp.shape(value)) != tuple(current[key][1].shape):
-      problems.append(f"{key}: shape {tuple(jnp.shape(value))}, model expects "
-                      f"{tuple(current[key][1].shape)}")
+  for key, shape in shapes.items():
+    if key in current and tuple(shape) != tuple(current[key].shape):
+      problems.append(f"{key}: shape {tuple(shape)}, model expects {tuple(current[key].shape)}")
+  return problems
+
+
+def assign_params(module: nnx.Module, params: dict, *, source: str = "params",
+                  allow_missing: tuple[str, ...] = ()) -> None:
+  """Copies a nested dict of arrays (the layout of nnx.to_pure_dict(nnx.state(module)); block
+  indices int or str) into `module` with nnx.update.
+
+  What must fit is `fit_problems`'s rule. Arrays take the existing variables' dtype and
+  sharding, so this works on a sharded model (and on an abstract one from nnx.eval_shape, whose
+  arrays then land on the default device). All problems are reported at once, naming `source`.
+  """
+  state = nnx.state(module)
+  current = {path_str(path): (path, var) for path, var in nnx.to_flat_state(state)}
+  given = {path_str(path): value for path, value in flatten_params(params)}
+  problems = fit_problems(state, {k: jnp.shape(v) for k, v in given.items()},
+                          allow_missing=allow_missing)
   if problems:
     raise ValueError(f"{source}: does not fit the {type(module).__name__}:\n  "
                      + "\n  ".join(problems))

@@ -22,7 +22,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from dd_jax import host, optim, parallel, tasks
+from dd_jax import checkpointing, host, optim, parallel, tasks
 from dd_jax.data import device_augment, transforms
 from dd_jax.models import deltadorsal
 
@@ -40,6 +40,8 @@ class TrainSetup:
   state: TrainState
   abstract_state: TrainState  # shapes and shardings of `state` (restore target)
   frozen: nnx.State
+  is_trainable: Callable  # nnx filter: which variables of the network are in state["params"]
+  init_state: Callable  # trainable parameters -> a fresh train state in its shardings
   tx: optax.GradientTransformation
   train_step: Callable  # (state, frozen, batch, consts) -> (state, metrics); state donated
   eval_step: Callable  # (trainable, frozen, batch, consts) -> (metric sums, per-frame outputs)
@@ -122,18 +124,25 @@ def compile_step(step: Callable, *args) -> Callable:
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """(graphdef, trainable, frozen): the network built in its shardings, weights loaded, split."""
+  """(is_trainable, (graphdef, trainable, frozen)): the network built in its shardings, backbone
+  weights loaded, split by the filter of what trains."""
   build_model = lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(config.seed))
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build_model))
   shardings = parallel.tree_shardings(mesh, abstract_state, config.mesh.fsdp)
   model_state = jax.jit(lambda: nnx.split(build_model())[1], out_shardings=shardings)()
   model = nnx.merge(graphdef, model_state)
-  if config.model.backbone.weights:
-    deltadorsal.load_backbone_weights(model, config.model.backbone.weights)
+  weights = config.model.backbone.weights
+  if weights:
+    source = checkpointing.find(weights)
+    if source.kind != checkpointing.DINOV3:
+      raise ValueError(f"model.backbone.weights={weights}: not a converted DINOv3 backbone "
+                       "(tools/convert_dinov3.py); start from a run or a converted DeltaDorsal "
+                       "checkpoint with config.init_from")
+    checkpointing.load_params(source, model)
   optim.group_sizes(config, nnx.state(model, nnx.Param))  # every parameter in a defined group
   depth = deltadorsal.backbone_config_from(config).depth
   is_trainable = optim.trainable_filter(depth, config.model.backbone.n_unfrozen_blocks)
-  return nnx.split(model, is_trainable, ...)
+  return is_trainable, nnx.split(model, is_trainable, ...)
 
 
 def init_fn(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
@@ -149,19 +158,20 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
           ) -> TrainSetup:
   mesh = mesh or parallel.make_mesh()
   task = tasks.make_task(config)
-  graphdef, trainable, frozen = create_model(config, mesh)
+  is_trainable, (graphdef, trainable, frozen) = create_model(config, mesh)
   tx = optim.make_optimizer(config)
   init = init_fn(config, tx)
   abstract_state = jax.eval_shape(init, trainable)
   shardings = parallel.tree_shardings(mesh, abstract_state, config.mesh.fsdp)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
-  state = jax.jit(init, out_shardings=shardings)(trainable)
+  init_state = jax.jit(init, out_shardings=shardings)
+  state = init_state(trainable)
   augment = transforms.AugmentConfig() if config.data.augment else None
   train_step = jax.jit(make_train_step(graphdef, optim.make_update(config, tx), task.loss,
                                        config.seed, augment),
                        donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, task.evaluate))
   host.release_freed_host_memory()  # what compiling the initialisers freed
-  return TrainSetup(config, mesh, task, graphdef, state, abstract_state, frozen, tx, train_step,
-                    eval_step)
+  return TrainSetup(config, mesh, task, graphdef, state, abstract_state, frozen, is_trainable,
+                    init_state, tx, train_step, eval_step)

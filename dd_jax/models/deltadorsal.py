@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dd_jax.models import dinov3, dinov3_weights
+from dd_jax.models import dinov3
 from dd_jax.models.dinov3 import gelu
 
 POOLS = ("avg", "attn")
@@ -352,12 +352,3 @@ def build_model(config, *, rngs: nnx.Rngs) -> PoseNet | ForceNet:
   if config.task == "force":
     return ForceNet(backbone_config, n_classes=head.n_classes, out_dim=head.out_dim, **common)
   raise ValueError(f"config.task must be 'pose' or 'force', got {config.task!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading weights into a built (possibly sharded) model
-# ---------------------------------------------------------------------------------------------
-
-def load_backbone_weights(model: PoseNet | ForceNet, path: str) -> None:
-  """Loads a converted DINOv3 folder (tools/convert_dinov3.py) into model.backbone."""
-  dinov3_weights.load_weights(model.backbone, path)

@@ -47,8 +47,8 @@ def save_converted(out_dir: str | os.PathLike, config: DinoV3Config, params: dic
     json.dump(meta, f, indent=2)
 
 
-def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
-  """Reads a save_converted folder -> (config, params tree of np.float32, int block keys)."""
+def read_config(out_dir: str | os.PathLike) -> DinoV3Config:
+  """The architecture a save_converted folder holds (its dinov3.json; no arrays read)."""
   out_dir = os.path.abspath(os.fspath(out_dir))
   meta_path = os.path.join(out_dir, CONFIG_FILE)
   if not os.path.isfile(meta_path):
@@ -60,10 +60,16 @@ def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
     raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
                      f"expected {FORMAT!r} v{FORMAT_VERSION}")
   try:
-    config = DinoV3Config(**meta["config"])
-  except (TypeError, ValueError) as e:
+    return DinoV3Config(**meta["config"])
+  except (TypeError, ValueError, KeyError) as e:
     raise ValueError(f"{meta_path}: bad config {meta.get('config')} ({e})") from None
-  return config, params_lib.load_tree(os.path.join(out_dir, PARAMS_DIR))
+
+
+def load_converted(out_dir: str | os.PathLike) -> tuple[DinoV3Config, dict]:
+  """Reads a save_converted folder -> (config, params tree of np.float32, int block keys)."""
+  config = read_config(out_dir)
+  return config, params_lib.load_tree(os.path.join(os.path.abspath(os.fspath(out_dir)),
+                                                   PARAMS_DIR))
 
 
 def load_weights(model: DinoV3, path: str) -> None:
