@@ -50,6 +50,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.data.skip_bad_frames = False
   c.data.fsr_thresh = 0.2
   c.data.validate = True  # check every referenced file before training
+  # Paths in the JSON always stay inside frames_dir / bases_dir (and those inside data_dir);
+  # True also lets the files be symlinks to places outside data_dir.
+  c.data.allow_symlinks_outside_root = False
   c.data.synthetic = ml_collections.ConfigDict()
   c.data.synthetic.enabled = False  # generate a synthetic EgoDorsal set into data_dir if missing
   c.data.synthetic.participants = 8

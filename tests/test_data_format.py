@@ -139,6 +139,62 @@ def test_validation_lists_every_problem(tiny_dataset, tmp_path):
   assert "trial 2 (participant 1): unknown motion type 'juggling'" in str(e.value)
 
 
+def test_paths_from_the_json_stay_inside_their_roots(tiny_dataset, tmp_path):
+  root = _copy(tiny_dataset, tmp_path)
+  with open(os.path.join(root, "frames.json")) as f:
+    ids = [fr["frame_id"] for fr in json.load(f)["frames"]]
+
+  def escape(data):
+    data["frames"][0]["cropped_img_path"] = "../../../../../../../../etc/passwd"
+    data["frames"][1]["hamer_path"] = "/etc/hostname"
+    data["frames"][2]["cropped_base_idx"] = "1"  # a wrong type, not a missing field
+  _edit_json(os.path.join(root, "frames.json"), escape)
+  _edit_json(os.path.join(root, "bases.json"),
+             lambda d: d["participants"][0]["bases"][0].update(img_path="../../outside.jpg"))
+  with pytest.raises(DatasetFormatError) as e:
+    validation.validate_dataset(pose_data_config(root, precropped=False), splits=["all"])
+  message = str(e.value)
+  print(message)
+  trials = os.path.join(root, "trials")
+  assert (f"frames.json frame {ids[0]}: cropped_img_path '../../../../../../../../etc/passwd' "
+          f"resolves to /etc/passwd, outside {trials}") in message
+  assert f"frames.json frame {ids[1]}: hamer_path '/etc/hostname' resolves to /etc/hostname" \
+      in message
+  assert f"frames.json frame {ids[2]}: 'cropped_base_idx' should be int, got str '1'" in message
+  assert "missing" not in message
+  assert "bases.json participant 1 bases[0]: img_path '../../outside.jpg' resolves to" in message
+  # Without validation the readers refuse them just the same: nothing outside is read.
+  with pytest.raises(DatasetFormatError, match="img_path '../../outside.jpg' resolves to"):
+    pipeline.make_eval_loader(pose_data_config(root, validate=False), "pose", "all")
+  shutil.copy(os.path.join(tiny_dataset, "bases.json"), os.path.join(root, "bases.json"))
+  with pytest.raises(DatasetFormatError, match="resolves to /etc/passwd"):
+    pipeline.make_eval_loader(pose_data_config(root, validate=False), "pose", "all")
+
+
+def test_symlinks_out_of_the_root_are_refused_unless_allowed(tiny_dataset, tmp_path):
+  root = _copy(tiny_dataset, tmp_path)
+  with open(os.path.join(root, "frames.json")) as f:
+    frame = json.load(f)["frames"][3]
+  crop = os.path.join(root, "trials", frame["cropped_img_path"])
+  outside = str(tmp_path / "elsewhere.jpg")
+  shutil.move(crop, outside)
+  os.symlink(outside, crop)
+  with pytest.raises(DatasetFormatError) as e:
+    validation.validate_dataset(pose_data_config(root), splits=["all"])
+  assert (f"frame {frame['frame_id']}: cropped_img_path {crop} resolves to {outside} through a "
+          "symlink, outside the dataset root") in str(e.value)
+  assert "data.allow_symlinks_outside_root=True" in str(e.value)
+  index = egodorsal.load_index(root)
+  (selected,) = [f for f in egodorsal.select_frames(index, "all") if f.frame_id == frame["frame_id"]]
+  with pytest.raises(store.FrameLoadError, match="through a symlink"):
+    store.FolderStore(index).frame_image(selected, "cropped_img")
+  allowed = pose_data_config(root, allow_symlinks_outside_root=True)
+  assert "24 frames" in validation.validate_dataset(allowed, splits=["all"])
+  data, path = store.FolderStore(index, allow_symlinks_outside_root=True).frame_image(
+      selected, "cropped_img")
+  assert path == crop and data[:2] == b"\xff\xd8"
+
+
 def test_metadata_errors_are_collected(tmp_path):
   (tmp_path / "bases.json").write_text(json.dumps({"participants": [{"p_id": 1, "bases": []}]}))
   (tmp_path / "trials.json").write_text(json.dumps({"trials": [

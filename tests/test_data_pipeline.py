@@ -10,7 +10,7 @@ import pytest
 from etils import epath
 
 from dd_jax import experiment
-from dd_jax.data import pipeline, store
+from dd_jax.data import egodorsal, pipeline, store, validation
 from dd_jax.synthetic import dataset as synthetic
 
 from tiny import pose_data_config
@@ -173,6 +173,21 @@ def test_bad_frames_raise_or_are_skipped_and_reported(tiny_dataset, tmp_path, nu
   assert sum(int((~b["valid"]).sum()) for b in epoch) == 2
   assert sorted(dict(train.last_report)) == [9, 17]
   train.close()
+
+
+def test_missing_files_are_skipped_and_reported_once(tiny_dataset, tmp_path, caplog):
+  root, _, missing = _break_two_frames(tiny_dataset, tmp_path)
+  with pytest.raises(egodorsal.DatasetFormatError, match="frame_00017.npy not found|not found"):
+    validation.validate_dataset(_config(root), splits=["all"])
+  config = _config(root, skip_bad_frames=True)
+  summary = validation.validate_dataset(config, splits=["all"])  # listed, not refused
+  assert "1 missing file(s) to skip" in summary and missing in caplog.text
+  caplog.clear()
+  it = iter(pipeline.make_eval_loader(config, "pose", "all"))
+  list(it)
+  assert dict(it.last_report)[17] == f"{missing}: file not found"
+  assert f"  frame 17: {missing}: file not found" in caplog.text  # the frame named once
+  assert "frame 17: frame 17" not in caplog.text
 
 
 def test_prepare_generates_once_and_validates(tmp_path):

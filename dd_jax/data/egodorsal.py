@@ -121,6 +121,20 @@ def _join(directory: str, rel: Any) -> str:
   return os.path.normpath(os.path.join(directory, str(rel)))
 
 
+def inside(path: str, root: str) -> bool:
+  """Whether the normalised `path` is `root` or lies under it."""
+  return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _contained(directory: str, rel: str, what: str, where: str, problems: list[str]) -> str | None:
+  """directory/rel, or None (a problem listed) when it leaves `directory` (.., absolute)."""
+  path = _join(directory, rel)
+  if inside(path, directory):
+    return path
+  problems.append(f"{where}: {what} {rel!r} resolves to {path}, outside {directory}")
+  return None
+
+
 def _get(item: dict, key: str, kind: type | tuple[type, ...], where: str, problems: list[str],
          optional: bool = False) -> Any:
   if key not in item or item[key] is None:
@@ -176,7 +190,8 @@ def load_index(root: str, problems: list[str] | None = None) -> EgoDorsalIndex:
   bases_json = read_json(os.path.join(root, "bases.json"), collect) or {}
   trials_json = read_json(os.path.join(root, "trials.json"), collect) or {}
 
-  bases_dir = _join(root, bases_json.get("bases_dir", "bases"))
+  bases_dir = (_contained(root, bases_json.get("bases_dir", "bases"), "bases_dir", "bases.json",
+                          collect) or _join(root, "bases"))
   bases: dict[int, list[Base]] = {}
   for i, participant in enumerate(bases_json.get("participants", []) if bases_json else []):
     where = f"bases.json participants[{i}]"
@@ -191,8 +206,12 @@ def load_index(root: str, problems: list[str] | None = None) -> EgoDorsalIndex:
       base_id = _get(base, "base_id", int, bw, collect)
       img = _get(base, "img_path", str, bw, collect)
       hamer = _get(base, "hamer_path", str, bw, collect)
+      if img is not None:
+        img = _contained(bases_dir, img, "img_path", bw, collect)
+      if hamer is not None:
+        hamer = _contained(bases_dir, hamer, "hamer_path", bw, collect)
       if all(x is not None for x in (base_id, img, hamer)):
-        items.append(Base(base_id, _join(bases_dir, img), _join(bases_dir, hamer)))
+        items.append(Base(base_id, img, hamer))
     if not items:
       collect.append(f"{where}: participant {p_id} has no usable base")
     bases[p_id] = items
@@ -257,7 +276,8 @@ def select_frames(index: EgoDorsalIndex, split: str, participants: Sequence[int]
       check(f"EgoDorsal split '{split}'", collect)
     return frames
   name = os.path.basename(path)
-  frames_dir = _join(index.root, data.get("frames_dir", "trials"))
+  frames_dir = (_contained(index.root, data.get("frames_dir", "trials"), "frames_dir", name,
+                           collect) or _join(index.root, "trials"))
   if "frames" not in data:
     collect.append(f"{name}: missing 'frames'")
   wanted = set(int(p) for p in participants)
@@ -273,15 +293,18 @@ def select_frames(index: EgoDorsalIndex, split: str, participants: Sequence[int]
       continue
     if wanted and trial.p_id not in wanted:
       continue
+    before = len(collect)
     paths = {}
     for key in ("img_path", "cropped_img_path", "cropped_base_path", "ann_path", "hamer_path"):
       rel = _get(item, key, str, where, collect, optional=True)
-      paths[key] = _join(frames_dir, rel) if rel is not None else None
-    frames.append(Frame(
+      paths[key] = _contained(frames_dir, rel, key, where, collect) if rel is not None else None
+    frame = Frame(
         frame_id=frame_id, trial_id=trial_id, p_id=trial.p_id,
         cropped_base_idx=_get(item, "cropped_base_idx", int, where, collect, optional=True),
         fsr_reading=_get(item, "fsr_reading", float, where, collect, optional=True),
-        tap_label=_get(item, "tap_label", float, where, collect, optional=True), **paths))
+        tap_label=_get(item, "tap_label", float, where, collect, optional=True), **paths)
+    if len(collect) == before:  # a bad field is listed once, not again as a missing one
+      frames.append(frame)
   if sample_ratio <= 0 or sample_ratio > 1:
     collect.append(f"sample_ratio must be in (0, 1], got {sample_ratio}")
   else:

@@ -55,7 +55,7 @@ def make_store(data_config, index: egodorsal.EgoDorsalIndex):
   fmt = data_config.format
   if fmt == "folder":
     from dd_jax.data.store import FolderStore  # pylint: disable=g-import-not-at-top
-    return FolderStore(index)
+    return FolderStore(index, bool(data_config.allow_symlinks_outside_root))
   if fmt == "array_record":
     from dd_jax.data import array_record  # pylint: disable=g-import-not-at-top
     return array_record.open_store(data_config.data_dir, data_config)

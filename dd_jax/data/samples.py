@@ -88,7 +88,9 @@ class SampleReader:
                            f"OpenCV failed on this frame: {e}")
       if not self.options.skip_bad_frames:
         raise e
-      return self.placeholder(frame.frame_id, str(e), self.index.trials[frame.trial_id].p_id)
+      # The report adds "frame N: " itself.
+      return self.placeholder(frame.frame_id, f"{e.path}: {e.reason}",
+                              self.index.trials[frame.trial_id].p_id)
 
   def placeholder(self, frame_id: int, error: str = "", p_id: int = -1) -> dict[str, Any]:
     """A masked sample (padding or a skipped bad frame): zero images, valid=False."""

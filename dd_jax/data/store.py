@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from dd_jax import safe_pickle
-from dd_jax.data.egodorsal import EgoDorsalIndex, Frame
+from dd_jax.data.egodorsal import EgoDorsalIndex, Frame, inside
 
 IMAGE_FIELDS = ("img", "cropped_img", "cropped_base")
 
@@ -193,30 +193,45 @@ def read_file(path: str | None, frame_id: int | None, what: str) -> bytes:
 
 
 class FolderStore:
-  """Reads frames from the EgoDorsal folder layout (data.format="folder")."""
+  """Reads frames from the EgoDorsal folder layout (data.format="folder").
 
-  def __init__(self, index: EgoDorsalIndex):
+  Every file read must resolve inside the dataset root, symlinks followed, unless
+  `allow_symlinks_outside_root` (the JSON's paths themselves never leave it: egodorsal checks).
+  """
+
+  def __init__(self, index: EgoDorsalIndex, allow_symlinks_outside_root: bool = False):
     self.index = index
+    self.allow_symlinks_outside_root = allow_symlinks_outside_root
+    self._real_root = os.path.realpath(index.root)
 
   def __repr__(self) -> str:
     return f"FolderStore({self.index.root!r})"
 
+  def _inside(self, path: str | None, frame_id: int | None) -> str | None:
+    if path is not None and not self.allow_symlinks_outside_root:
+      real = os.path.realpath(path)
+      if not inside(real, self._real_root):
+        raise FrameLoadError(frame_id, path, f"resolves to {real} through a symlink, outside the "
+                             f"dataset root {self.index.root} (allowed only with "
+                             "data.allow_symlinks_outside_root=True)")
+    return path
+
   def frame_image(self, frame: Frame, field: str) -> tuple[bytes, str]:
     """(encoded bytes, path) of the frame's `field` in IMAGE_FIELDS."""
-    path = getattr(frame, f"{field}_path")
+    path = self._inside(getattr(frame, f"{field}_path"), frame.frame_id)
     return read_file(path, frame.frame_id, f"{field}_path"), path
 
   def frame_prior(self, frame: Frame) -> Prior:
     if frame.hamer_path is None:
       raise FrameLoadError(frame.frame_id, "<frames.json>", "no hamer_path for this frame")
-    return parse_prior(load_npy_dict(frame.hamer_path, frame.frame_id), frame.hamer_path,
-                       frame.frame_id)
+    path = self._inside(frame.hamer_path, frame.frame_id)
+    return parse_prior(load_npy_dict(path, frame.frame_id), path, frame.frame_id)
 
   def frame_ground_truth(self, frame: Frame) -> np.ndarray:
     if frame.ann_path is None:
       raise FrameLoadError(frame.frame_id, "<frames.json>", "no ann_path for this frame")
-    return parse_ground_truth(load_npy_dict(frame.ann_path, frame.frame_id), frame.ann_path,
-                              frame.frame_id)
+    path = self._inside(frame.ann_path, frame.frame_id)
+    return parse_ground_truth(load_npy_dict(path, frame.frame_id), path, frame.frame_id)
 
   def _base(self, p_id: int, base_idx: int, frame_id: int):
     bases = self.index.bases.get(p_id, [])
@@ -231,9 +246,9 @@ class FolderStore:
     return bases[base_idx].hamer_path if 0 <= base_idx < len(bases) else f"base {base_idx}"
 
   def base_image(self, p_id: int, base_idx: int, frame_id: int) -> tuple[bytes, str]:
-    base = self._base(p_id, base_idx, frame_id)
-    return read_file(base.img_path, frame_id, "base img_path"), base.img_path
+    path = self._inside(self._base(p_id, base_idx, frame_id).img_path, frame_id)
+    return read_file(path, frame_id, "base img_path"), path
 
   def base_prior(self, p_id: int, base_idx: int, frame_id: int) -> Prior:
-    base = self._base(p_id, base_idx, frame_id)
-    return parse_prior(load_npy_dict(base.hamer_path, frame_id), base.hamer_path, frame_id)
+    path = self._inside(self._base(p_id, base_idx, frame_id).hamer_path, frame_id)
+    return parse_prior(load_npy_dict(path, frame_id), path, frame_id)

@@ -11,27 +11,39 @@ import collections
 import os
 import time
 
+from absl import logging
+
 from dd_jax.data import egodorsal
 from dd_jax.data.egodorsal import MOTION_LABELS, DatasetFormatError, Frame
 from dd_jax.data.splits import leave_one_out_problems, resolve_split, run_splits
 
 
 class _Listing:
-  """Directory contents, each directory listed once."""
+  """Directory contents, each directory listed (and resolved) once."""
 
   def __init__(self):
-    self._dirs: dict[str, frozenset[str] | None] = {}
+    self._dirs: dict[str, dict[str, bool] | None] = {}  # name -> is a symlink
+    self._real: dict[str, str] = {}
 
   def exists(self, path: str) -> bool:
     directory, name = os.path.split(path)
     if directory not in self._dirs:
       try:
         with os.scandir(directory) as entries:
-          self._dirs[directory] = frozenset(e.name for e in entries)
+          self._dirs[directory] = {e.name: e.is_symlink() for e in entries}
       except OSError:
         self._dirs[directory] = None
     names = self._dirs[directory]
     return names is not None and name in names
+
+  def real(self, path: str) -> str:
+    """An existing path with every symlink resolved (realpath only for a symlink leaf)."""
+    directory, name = os.path.split(path)
+    if directory not in self._real:
+      self._real[directory] = os.path.realpath(directory)
+    if self._dirs[directory][name]:
+      return os.path.realpath(path)
+    return os.path.join(self._real[directory], name)
 
 
 def validate_dataset(data_config, task: str = "pose", splits: list[str] | None = None) -> str:
@@ -64,8 +76,15 @@ def validate_dataset(data_config, task: str = "pose", splits: list[str] | None =
 
   frames = list({f.frame_id: f for fs in selected.values() for f in fs}.values())
   problems += _frame_problems(index, frames, task, precropped)
+  skipped = []
   if fmt == "folder":
-    problems += _file_problems(index, frames, task, precropped)
+    not_found, escaping = _file_problems(index, frames, task, precropped,
+                                         bool(data_config.allow_symlinks_outside_root))
+    problems += escaping
+    if data_config.skip_bad_frames:  # their frames are skipped and reported when read
+      skipped = not_found
+    else:
+      problems += not_found
   elif fmt == "array_record":
     from dd_jax.data import array_record  # pylint: disable=g-import-not-at-top
     problems += array_record.packed_problems(root, frames, task, precropped)
@@ -73,10 +92,15 @@ def validate_dataset(data_config, task: str = "pose", splits: list[str] | None =
     problems.append(f"data.format must be 'folder' or 'array_record', got {fmt!r}")
   egodorsal.check(f"EgoDorsal dataset {root} (task {task}, "
                   f"{'precropped' if precropped else 'online alignment'}, format {fmt})", problems)
+  if skipped:
+    logging.warning("EgoDorsal dataset %s: %d referenced file(s) missing; their frames will be "
+                    "skipped (data.skip_bad_frames=True):\n%s", root, len(skipped),
+                    "\n".join(f"  - {p}" for p in skipped))
   sizes = ", ".join(f"{k} {len(v)}" for k, v in selected.items())
   return (f"validated EgoDorsal {root}: {len(frames)} frames ({sizes}), task {task}, "
-          f"{'precropped' if precropped else 'online'} mode, format {fmt}, "
-          f"in {time.perf_counter() - start:.2f} s")
+          f"{'precropped' if precropped else 'online'} mode, format {fmt}"
+          + (f", {len(skipped)} missing file(s) to skip" if skipped else "")
+          + f", in {time.perf_counter() - start:.2f} s")
 
 
 def _frame_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: str,
@@ -106,9 +130,21 @@ def _frame_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: 
 
 
 def _file_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: str,
-                   precropped: bool) -> list[str]:
+                   precropped: bool, allow_symlinks_outside_root: bool
+                   ) -> tuple[list[str], list[str]]:
+  """(referenced files that do not exist, files that symlinks take out of the dataset root)."""
   listing = _Listing()
-  problems = []
+  real_root = os.path.realpath(index.root)
+  problems, escaping = [], []
+
+  def escapes(path: str) -> str | None:
+    if allow_symlinks_outside_root:
+      return None
+    real = listing.real(path)
+    if egodorsal.inside(real, real_root):
+      return None
+    return (f"{path} resolves to {real} through a symlink, outside the dataset root "
+            f"{index.root} (allowed only with data.allow_symlinks_outside_root=True)")
   fields = ["hamer_path"] + (["cropped_img_path", "cropped_base_path"] if precropped
                              else ["img_path"]) + (["ann_path"] if task == "pose" else [])
   participants = set()
@@ -116,8 +152,12 @@ def _file_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: s
     participants.add(f.p_id)
     for field in fields:
       path = getattr(f, field)
-      if path is not None and not listing.exists(path):
+      if path is None:
+        continue
+      if not listing.exists(path):
         problems.append(f"frame {f.frame_id}: {field} {path} not found")
+      elif escape := escapes(path):
+        escaping.append(f"frame {f.frame_id}: {field} {escape}")
   for p_id in sorted(participants):
     bases = index.bases.get(p_id, [])
     # Precropped frames use only their own base's HaMeR file; online mode may pick any base.
@@ -130,7 +170,9 @@ def _file_problems(index: egodorsal.EgoDorsalIndex, frames: list[Frame], task: s
       paths = [("hamer_path", base.hamer_path)] + ([] if precropped else
                                                      [("img_path", base.img_path)])
       for field, path in paths:
+        where = f"participant {p_id} base {base.base_id} (#{i}): {field}"
         if not listing.exists(path):
-          problems.append(f"participant {p_id} base {base.base_id} (#{i}): {field} {path} "
-                          "not found")
-  return problems
+          problems.append(f"{where} {path} not found")
+        elif escape := escapes(path):
+          escaping.append(f"{where} {escape}")
+  return problems, escaping
