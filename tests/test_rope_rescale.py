@@ -1,7 +1,7 @@
 """Train-time RoPE coordinate rescale (SPEC.md §2.1; Meta's `rescale_coords=2`): with given
 factors the backbone equals transformers' DINOv3ViTModel in train mode with those factors forced
-into its own draw; the train step draws them log-uniformly on [1/2, 2] per block and image from
-the step's seed; evaluation is unchanged bit for bit."""
+into its own draw; the train step draws them log-uniformly on [1/2, 2] per block and backbone call
+(image, base; shared by the batch) from the step's seed; evaluation is unchanged bit for bit."""
 
 import jax
 import jax.numpy as jnp
@@ -78,9 +78,10 @@ def test_a_scale_forced_into_transformers_train_mode_gives_the_same_output(model
     assert np.abs(want - eval_out).max() > 100 * TOLERANCE  # the scale changed the output
 
 
-def test_a_factor_per_block_and_per_image_as_meta_draws_them(models):
+def test_a_factor_per_block_and_per_backbone_call_as_meta_draws_them(models):
   """Meta's get_intermediate_layers (what the original calls) asks RoPE for new tables in every
-  block, and the original encodes image and base in two forwards: factors (depth, 2)."""
+  block, one factor for the whole batch (torch.empty(1)), and the original encodes image and
+  base in two calls: factors (depth, 2), each shared by its stream's rows."""
   hf, model = models
   gen = torch.Generator().manual_seed(2)
   img, base = torch.randn(2, 3, 32, 32, generator=gen), torch.randn(2, 3, 32, 32, generator=gen)

@@ -270,9 +270,10 @@ class _DeltaDorsalNet(nnx.Module):
     """Train-mode RoPE factors (depth, streams), streams = [image, base] (or [image] without
     use_delta); None when max_scale is 0 (off).
 
-    The original fine-tunes with the backbone in train mode, where Meta's RoPE draws a factor
-    in every block of every forward, frozen blocks included, and it encodes the image and the
-    base in two forwards: one independent factor per block and per stream.
+    The original fine-tunes with the backbone in train mode; through get_intermediate_layers
+    Meta's RoPE draws one factor in every block (frozen ones included) for the whole batch, and
+    the original encodes the image and the base in two calls: one independent factor per block
+    and per stream, shared by the stream's rows (docs/model.md has the file and line evidence).
     """
     if not max_scale:
       return None
