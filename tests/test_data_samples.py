@@ -309,3 +309,22 @@ def test_val_panel_draws_the_prior_on_its_2d_keypoints():
   # Without keypoints the canonical view is used: the hands are still drawn.
   panel = pictures.pose_panel(img, img, prior, prior, prior, np.full((21, 2), np.nan))
   assert panel[:, 2 * pictures.PANEL_SIZE:].any()
+
+
+@pytest.mark.parametrize("params", [[], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1],
+                                    [cv2.IMWRITE_JPEG_RST_INTERVAL, 2]],
+                         ids=["baseline", "progressive", "restart_markers"])
+def test_jpeg_trailers_decode_and_cut_streams_are_refused(params):
+  rng = np.random.default_rng(0)
+  image = cv2.GaussianBlur((rng.random((64, 80, 3)) * 255).astype(np.uint8), (5, 5), 0)
+  ok, encoded = cv2.imencode(".jpg", image, params)
+  assert ok
+  data = encoded.tobytes()
+  want = store.decode_image(data, "photo.jpg", 7)
+  # Phones append trailers (depth maps, motion photos) after the end-of-image marker.
+  trailer = b"MotionPhoto\xff\xd8" + bytes(rng.integers(0, 256, 4096, dtype=np.uint8))
+  np.testing.assert_array_equal(store.decode_image(data + trailer, "photo.jpg", 7), want)
+  assert store.jpeg_end(data + trailer) == len(data)
+  for cut in (data[:-2], data[:len(data) // 2], data[:len(data) // 2] + trailer[:11]):
+    with pytest.raises(store.FrameLoadError, match=r"frame 7: photo\.jpg: truncated JPEG"):
+      store.decode_image(cut, "photo.jpg", 7)

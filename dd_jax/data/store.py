@@ -168,12 +168,49 @@ def load_npy_dict(path: str, frame_id: int | None) -> Any:
     raise FrameLoadError(frame_id, path, f"not a readable .npy dict ({e})") from None
 
 
+def jpeg_end(data: bytes) -> int | None:
+  """Where the JPEG stream starting at data[0] ends (after its EOI marker), or None when the data
+  ends first (a truncated file). Walks the marker segments by their lengths (so an EXIF
+  thumbnail's own EOI is skipped) and the entropy-coded data after each SOS to its next marker;
+  bytes after the EOI (trailers that phones append) are not looked at."""
+  pos, n = 2, len(data)
+  while pos + 1 < n:
+    if data[pos] != 0xFF:
+      return None  # not a marker where one must be
+    marker = data[pos + 1]
+    if marker == 0xD9:  # EOI
+      return pos + 2
+    if marker == 0xFF:  # fill byte
+      pos += 1
+      continue
+    if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn, TEM: no length
+      pos += 2
+      continue
+    if pos + 4 > n:
+      return None
+    pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
+    if marker != 0xDA:  # SOS: entropy-coded data follows, up to the next real marker
+      continue
+    while True:
+      pos = data.find(b"\xff", pos)
+      if pos < 0 or pos + 1 >= n:
+        return None
+      following = data[pos + 1]
+      if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
+        pos += 1 if following == 0xFF else 2  # stuffed byte, restart marker, fill
+        continue
+      break
+  return None
+
+
 def decode_image(data: bytes, path: str, frame_id: int | None) -> np.ndarray:
   """JPEG/PNG bytes -> (H, W, 3) uint8 RGB."""
   if not data:
     raise FrameLoadError(frame_id, path, "empty image file")
-  if data[:2] == b"\xff\xd8" and b"\xff\xd9" not in data[-1024:]:
-    raise FrameLoadError(frame_id, path, "truncated JPEG (no end-of-image marker)")
+  if data[:2] == b"\xff\xd8" and jpeg_end(data) is None:
+    # libjpeg only warns on a cut stream and fills the rest grey: refuse it here.
+    raise FrameLoadError(frame_id, path, "truncated JPEG (the stream ends before its "
+                         "end-of-image marker)")
   image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
   if image is None or image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 2:
     raise FrameLoadError(frame_id, path, "not a decodable image")
