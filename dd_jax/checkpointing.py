@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from typing import Any, Callable
 
 import grain
@@ -41,6 +42,26 @@ def _state_item(train_state: Any, frozen: Any) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ writing (the trainer)
+
+
+class CheckpointWriteError(OSError):
+  """The run cannot write its checkpoints; the message names the folder."""
+
+
+def check_writable(directory: str) -> None:
+  """Creates `directory` if needed and writes and removes a probe file in it, so that a run that
+  could not save fails at start-up naming the folder (not after an epoch, nor hung in Orbax's
+  writer threads)."""
+  probe = os.path.join(directory, f".write_probe.{socket.gethostname()}.{os.getpid()}")
+  try:
+    os.makedirs(directory, exist_ok=True)
+    with open(probe, "wb") as f:
+      f.write(b"ok")
+    os.remove(probe)
+  except OSError as e:
+    raise CheckpointWriteError(
+        f"{directory}: checkpoints cannot be written there ({e.strerror or e}). Make the folder "
+        "writable, free space, or give another --workdir; nothing was changed in it.") from e
 
 
 def make_manager(directory: str, best_metric: str, best_mode: str) -> ocp.CheckpointManager:

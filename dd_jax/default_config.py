@@ -5,6 +5,7 @@ configs/pose.py and configs/force.py expose these to `--config`; tests build con
 
 import ml_collections
 
+from dd_jax.logs import log
 from dd_jax.mano.model import DELTADORSAL_TIP_IDS
 
 
@@ -71,8 +72,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   # auto | custom_vjp | autodiff: how the blocks' backward passes are built (dd_jax/kernels.py);
   # auto picks by backend and CPU flags, DD_JAX_DINOV3_IMPL in the environment overrides it.
   c.model.backbone.impl = "auto"
-  # Training only: RoPE coordinates times exp(U(-ln r, ln r)), a factor per block and backbone
-  # call, as the original's train-mode backbone (Meta's rescale_coords=2); 0 = off. Never in eval.
+  # Training only: RoPE coordinates times exp(U(-ln r, ln r)), a factor per block and per
+  # backbone call (image, base), shared by the batch, as the original's train-mode backbone
+  # (Meta's rescale_coords=2; docs/model.md); 0 = off. Never in evaluation.
   c.model.backbone.rope_rescale = 2.0
   c.model.change = ml_collections.ConfigDict()
   c.model.change.out_dim = 256
@@ -170,3 +172,91 @@ def force_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # imbalance) a from-scratch ViT on 360 frames guesses press classes and never settles.
     c.loss.class_counts = (1,) * 7
   return c
+
+
+# ------------------------------------------------------------------ start-up checks
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check(c: ml_collections.ConfigDict) -> None:
+  """Refuses settings a run cannot mean, listing every problem at once (ValueError) before any
+  work; settings the run would ignore are problems too, so that nothing is silently dropped.
+
+  Settings the original also ignores (use_orig_feat without use_delta, use_film without
+  use_prior) are warnings. Unknown keys and wrong types are refused earlier, by ConfigDict itself (--config.a.b=...).
+  """
+  from dd_jax.models import dinov3  # pylint: disable=g-import-not-at-top
+
+  problems = []
+
+  def need(ok: bool, problem: str) -> None:
+    if not ok:
+      problems.append(problem)
+
+  d, o, m = c.data, c.optimizer, c.model
+  need(c.task in ("pose", "force"), f"task must be 'pose' or 'force', got {c.task!r}")
+  need(o.lr > 0, f"optimizer.lr must be > 0, got {o.lr}")
+  need(o.weight_decay >= 0, f"optimizer.weight_decay must be >= 0, got {o.weight_decay}")
+  need(0 <= o.b1 < 1 and 0 <= o.b2 < 1, f"optimizer.b1 and b2 must be in [0, 1), got {o.b1}, "
+       f"{o.b2}")
+  need(o.eps > 0, f"optimizer.eps must be > 0, got {o.eps}")
+  need(o.clip_norm >= 0, f"optimizer.clip_norm must be >= 0 (0 = off), got {o.clip_norm}")
+  need(0 < o.plateau_factor <= 1, f"optimizer.plateau_factor must be in (0, 1], got "
+       f"{o.plateau_factor}")
+  for name in ("batch_size", "eval_batch_size", "out_img_size"):
+    need(d[name] > 0, f"data.{name} must be > 0, got {d[name]}")
+  need(d.out_img_size % 16 == 0, f"data.out_img_size must be a multiple of the patch size 16, "
+       f"got {d.out_img_size}")
+  need(0 < d.sample_ratio <= 1, f"data.sample_ratio must be in (0, 1], got {d.sample_ratio}")
+  need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+  need(d.format in ("folder", "array_record"),
+       f"data.format must be 'folder' or 'array_record', got {d.format!r}")
+  for name in ("max_epochs", "log_every_steps"):
+    need(c[name] >= 1, f"{name} must be >= 1, got {c[name]}")
+  for name in ("min_epochs", "early_stopping_patience", "checkpoint_every_steps",
+               "num_val_pictures"):
+    need(c[name] >= 0, f"{name} must be >= 0, got {c[name]}")
+  need(c.best_mode in ("min", "max"), f"best_mode must be 'min' or 'max', got {c.best_mode!r}")
+  need(c.best_metric.startswith("val/"), f"best_metric must be a validation metric 'val/...', "
+       f"got {c.best_metric!r}")
+  variants = sorted(dinov3.VARIANTS) + ["custom"]
+  need(m.backbone.variant in variants,
+       f"model.backbone.variant must be one of {variants}, got {m.backbone.variant!r}")
+  need(m.backbone.dtype in _DTYPES,
+       f"model.backbone.dtype must be one of {list(_DTYPES)}, got {m.backbone.dtype!r}")
+  need(m.backbone.rope_rescale == 0 or m.backbone.rope_rescale >= 1,
+       f"model.backbone.rope_rescale must be 0 (off) or >= 1, got {m.backbone.rope_rescale}")
+  need(m.head.pool in ("avg", "attn"), f"model.head.pool must be 'avg' or 'attn', got "
+       f"{m.head.pool!r}")
+  need(m.change.out_dim > 0 and m.head.hidden > 0,
+       "model.change.out_dim and model.head.hidden must be > 0")
+  if c.task == "pose":
+    need(c.loss.keypoint_weight >= 0 and c.loss.pose_weight >= 0,
+         "loss.keypoint_weight and loss.pose_weight must be >= 0")
+  else:
+    need(m.head.n_classes >= 2 and m.head.out_dim >= 1,
+         "model.head.n_classes must be >= 2 and model.head.out_dim >= 1")
+    need(not c.loss.class_counts or (len(c.loss.class_counts) == m.head.n_classes
+                                     and all(n > 0 for n in c.loss.class_counts)),
+         f"loss.class_counts must be empty (counted from the train split) or "
+         f"{m.head.n_classes} positive counts, got {tuple(c.loss.class_counts)}")
+  # Settings the current mode would ignore.
+  if not d.leave_one_out:
+    for name in ("val_participants", "test_participants", "all_participant_ids"):
+      need(not d[name], f"data.{name} is used only with data.leave_one_out=True (without it "
+           "the split files decide); set data.leave_one_out=True or drop it")
+  need(c.train or c.test, "train and test are both False: nothing to do")
+  need(c.train or not c.init_from, "init_from starts a training run; with train=False use "
+       "ckpt_path")
+  need(not (c.ckpt_path and c.init_from), "ckpt_path (resume / test) and init_from (fine-tune) "
+       "exclude each other")
+  ignored = []  # documented no-ops of the original's: a warning
+  if m.change.use_orig_feat and not m.change.use_delta:
+    ignored.append("model.change.use_orig_feat is ignored without use_delta (only Ft is used)")
+  if c.task == "pose" and m.head.use_film and not m.head.use_prior:
+    ignored.append("model.head.use_film is ignored without use_prior")
+  for line in ignored:
+    log.warning("config: %s", line)
+  if problems:
+    raise ValueError("config: " + ("\n  ".join([f"{len(problems)} problem(s):"] + problems)))

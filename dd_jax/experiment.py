@@ -19,7 +19,16 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from dd_jax import checkpointing, evaluation, logs, optim, parallel, train_state
+from dd_jax import (
+  checkpointing,
+  default_config,
+  evaluation,
+  logs,
+  optim,
+  parallel,
+  run_lock,
+  train_state,
+)
 from dd_jax import params as params_lib
 from dd_jax.data import pipeline, validation
 from dd_jax.logs import log
@@ -36,8 +45,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   mesh: defaults to every device of every process.
   """
-  # ---------------------------------------------------------------- run folder and mesh
   workdir = os.path.abspath(workdir)
+  default_config.check(config)
+  with run_lock.hold(workdir, enabled=jax.process_index() == 0):  # one run per folder
+    return _train_and_evaluate(config, workdir, mesh)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                        mesh: jax.sharding.Mesh | None) -> dict[str, float]:
+  # ---------------------------------------------------------------- run folder and mesh
+  if config.train:  # a run that could not save stops now, not after an epoch
+    checkpointing.check_writable(os.path.join(workdir, "checkpoints"))
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_sizes(mesh, config.data.batch_size, config.data.eval_batch_size)
   writer = logs.MetricWriter(workdir)
@@ -85,6 +103,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     epoch = meta["epoch"]
     progress = {k: meta.get(k, v) for k, v in progress.items()}
     log.info("restored %s (epoch %d, step %d)", source.path, epoch, int(state["step"]))
+    if config.train:
+      writer.forget_after(int(state["step"]))
   elif config.train and config.init_from:
     state, frozen = checkpointing.initial_state(config.init_from, setup)
     log.info("initialised from %s: parameters loaded, fresh optimizer", config.init_from)
@@ -186,7 +206,7 @@ def _train_epochs(loop: _Loop, state, frozen, start_epoch: int, progress: dict
       step += 1
       last = i + 1 == loop.steps_per_epoch
       if step % config.log_every_steps == 0 or last:
-        means = _check_and_mean(window, step, epoch)
+        means = _check_and_mean(window, step, epoch, loop.manager)
         window = []
         # The base lr of the step's update: schedule x reduce-on-plateau scale.
         means["lr"] = (config.optimizer.lr * float(lr_schedule(step - 1))
@@ -194,7 +214,7 @@ def _train_epochs(loop: _Loop, state, frozen, start_epoch: int, progress: dict
         writer.scalars(step, {f"train/{k}": v for k, v in means.items()})
         console.update(i + 1, {"loss": means["loss"]})
       if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0 and not last:
-        _check_and_mean(window, step, epoch)
+        _check_and_mean(window, step, epoch, loop.manager)
         loop.save(step, state, frozen, dict(progress, epoch=epoch))
     skip = 0
 
@@ -229,18 +249,21 @@ def _train_epochs(loop: _Loop, state, frozen, start_epoch: int, progress: dict
   return config.max_epochs, best_val
 
 
-def _check_and_mean(window, step, epoch) -> dict[str, float]:
+def _check_and_mean(window, step, epoch, manager) -> dict[str, float]:
   if not window:
     return {}
   host = jax.device_get(window)
   losses = np.array([m["loss"] for m in host], np.float64)
   if not np.all(np.isfinite(losses)):
     bad = step - len(losses) + int(np.argmin(np.isfinite(losses))) + 1
+    saved = manager.latest_step()
+    kept = (f"the last saved checkpoint (step {saved}) is intact: lower optimizer.lr, check the "
+            "input data, or resume from it." if saved is not None else
+            "no checkpoint was saved before it: lower optimizer.lr or check the input data, "
+            "and start again.")
     raise NonFiniteLossError(
         f"training loss became {losses[~np.isfinite(losses)][0]} at step {bad} (epoch "
-        f"{epoch + 1}); stopping. The parameters were not updated with it, and the last saved "
-        "checkpoint is intact: lower optimizer.lr, check the input data, or resume from the "
-        "checkpoint.")
+        f"{epoch + 1}); stopping. The parameters were not updated with it, and {kept}")
   return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
 
 

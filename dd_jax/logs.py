@@ -53,6 +53,24 @@ class MetricWriter:
     for k, v in values.items():
       self._tb.add_scalar(k, v, step)
 
+  def forget_after(self, step: int) -> None:
+    """Drops metrics.jsonl's records of steps after `step`: a run resumed from that step writes
+    them again, and a step must not have two records."""
+    if not self.enabled:
+      return
+    self._jsonl.close()
+    path = os.path.join(self.workdir, "metrics.jsonl")
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+    kept = [line for line in lines if _record_step(line) <= step]
+    if len(kept) < len(lines):
+      with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(kept)
+      os.replace(path + ".tmp", path)
+      log.info("metrics.jsonl: %d record(s) after step %d dropped (this run redoes them)",
+               len(lines) - len(kept), step)
+    self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
+
   def image(self, step: int, name: str, rgb: np.ndarray) -> str | None:
     """Writes an (H, W, 3) uint8 RGB picture as workdir/pictures/NAME_stepN.png and to TensorBoard."""
     if not self.enabled:
@@ -72,6 +90,15 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+
+
+def _record_step(line: str) -> float:
+  """The step of a metrics.jsonl line; +inf (dropped) for a line that is not a whole record,
+  e.g. the torn last line of a killed run."""
+  try:
+    return float(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
 
 
 class Progress:

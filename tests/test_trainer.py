@@ -103,6 +103,9 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_datase
   assert max(first) == 3 and max(first) < max(tiny.train_losses(reference))
   resumed_run = tiny.run_train(config_arg + [f"--workdir={killed}"])
   assert "(epoch 1, step 2)" in resumed_run.stderr, resumed_run.stderr[-2000:]  # it did resume
+  with open(os.path.join(killed, "metrics.jsonl"), encoding="utf-8") as f:
+    steps = [json.loads(line)["step"] for line in f if "train/loss" in line]
+  assert steps == sorted(set(steps))  # step 3, redone after the resume, is recorded once
   for read in (tiny.train_losses, tiny.val_losses):
     expected, resumed = read(reference), read(killed)
     assert sorted(resumed) == sorted(expected)
@@ -135,8 +138,10 @@ def test_sigkill_mid_epoch_then_resume_repeats_the_uninterrupted_run(tiny_datase
     assert not all(np.array_equal(ema[n], params[n]) for n in ema)
 
 
-def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path, monkeypatch):
-  # The loader refuses non-finite annotations, so the NaN is slipped into the second train batch.
+@pytest.mark.parametrize("nan_batch", [1, 2])
+def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path, monkeypatch,
+                                                         nan_batch):
+  # The loader refuses non-finite annotations, so the NaN is slipped into a train batch.
   real_next = pipeline.BatchIterator.__next__
   served = {"train": 0}
 
@@ -144,19 +149,25 @@ def test_nan_stops_the_run_and_keeps_the_last_checkpoint(tiny_dataset, tmp_path,
     batch = real_next(self)
     if "train" in self.name:
       served["train"] += 1
-      if served["train"] == 2:
+      if served["train"] == nan_batch:
         batch["gt_pose"] = np.full_like(batch["gt_pose"], np.nan)
     return batch
 
   monkeypatch.setattr(pipeline.BatchIterator, "__next__", poisoned_next)
   config = tiny.config("pose", tiny_dataset, max_epochs=2, test=False)
   workdir = str(tmp_path / "run")
-  with pytest.raises(experiment.NonFiniteLossError, match="training loss became nan at step 2"):
+  with pytest.raises(experiment.NonFiniteLossError,
+                     match=f"training loss became nan at step {nan_batch}") as e:
     experiment.train_and_evaluate(config, workdir, parallel.make_mesh(jax.devices()[:1]))
   ckpt_dir, _ = checkpointing.resolve(workdir)
   manager = checkpointing.make_manager(ckpt_dir, config.best_metric, config.best_mode)
-  assert manager.all_steps() == [1]  # the step before the NaN, nothing after it
+  saved = manager.all_steps()
   manager.close()
+  if nan_batch == 1:  # nothing saved yet: the message must not promise a checkpoint
+    assert saved == [] and "no checkpoint was saved before it" in str(e.value)
+    return
+  assert saved == [1]  # the step before the NaN, nothing after it
+  assert "the last saved checkpoint (step 1) is intact" in str(e.value)
   built = train_state.build(config, parallel.make_mesh(jax.devices()[:1]))
   restored, _, meta = checkpointing.restore_training(ckpt_dir, 1, built.abstract_state, built.frozen)
   assert int(restored["step"]) == 1 and meta["epoch"] == 0

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 from dd_jax import default_config
 from dd_jax.synthetic import dataset as synthetic
@@ -63,6 +64,9 @@ def pose_data_config(data_dir, **overrides):
 
 
 SIGKILL_AT_STEP = "DD_JAX_SIGKILL_AT_STEP"
+# With DD_JAX_PAUSE_AFTER_STEP=N the process waits after train step N until the file named by
+# DD_JAX_PAUSE_UNTIL exists (a run held mid-training while a test starts another one).
+PAUSE_AFTER_STEP, PAUSE_UNTIL = "DD_JAX_PAUSE_AFTER_STEP", "DD_JAX_PAUSE_UNTIL"
 
 
 def kill_after_step_from_environment():
@@ -73,17 +77,23 @@ def kill_after_step_from_environment():
   starting afresh when a loaded machine had not finished the save). The library has no such
   hook; this wraps its compiled step, eval loader and checkpoint saving."""
   kill_at = int(os.environ.get(SIGKILL_AT_STEP, "0"))
+  pause_at = int(os.environ.get(PAUSE_AFTER_STEP, "0"))
   from dd_jax import checkpointing, train_state  # pylint: disable=import-outside-toplevel
   from dd_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-  if not kill_at or getattr(train_state.compile_step, "kills_at", None) == kill_at:
+  if ((not kill_at and not pause_at)
+      or getattr(train_state.compile_step, "kills_at", None) == (kill_at, pause_at)):
     return
   done = {"step": 0, "manager": None}
 
   def kill_when_done():
-    if done["step"] == kill_at:
+    if kill_at and done["step"] == kill_at:
       if done["manager"] is not None:
         done["manager"].wait_until_finished()
       os.kill(os.getpid(), signal.SIGKILL)
+    if pause_at and done["step"] == pause_at:
+      deadline = time.monotonic() + 600
+      while not os.path.exists(os.environ[PAUSE_UNTIL]) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
   save = checkpointing.save
 
@@ -107,7 +117,7 @@ def kill_after_step_from_environment():
     kill_when_done()
     return make_eval_loader(*args, **kwargs)
 
-  compile_step_that_kills.kills_at = kill_at
+  compile_step_that_kills.kills_at = (kill_at, pause_at)
   train_state.compile_step = compile_step_that_kills
   pipeline.make_eval_loader = make_eval_loader_that_kills
   checkpointing.save = save_and_remember
@@ -143,3 +153,4 @@ def read_test_metrics(workdir):
   (path,) = glob.glob(os.path.join(workdir, "test_metrics_epoch*.json"))
   with open(path, encoding="utf-8") as f:
     return path, json.load(f)
+
