@@ -103,11 +103,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     epoch = meta["epoch"]
     progress = {k: meta.get(k, v) for k, v in progress.items()}
     log.info("restored %s (epoch %d, step %d)", source.path, epoch, int(state["step"]))
-    if config.train:
-      writer.forget_after(int(state["step"]))
   elif config.train and config.init_from:
     state, frozen = checkpointing.initial_state(config.init_from, setup)
     log.info("initialised from %s: parameters loaded, fresh optimizer", config.init_from)
+  if config.train:  # records of steps this state does not include came from a run that died
+    writer.forget_after(int(state["step"]))
 
   try:
     # ---------------------------------------------------------------- train
