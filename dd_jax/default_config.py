@@ -27,6 +27,13 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 200  # mid-epoch saves for resuming (0 = epoch ends only)
   c.num_val_pictures = 4
 
+  c.analysis = ml_collections.ConfigDict()
+  # Per-frame fields for tools/report.py in test_outputs_epoch{N}.npy (beside the original's):
+  # participant, trial, motion type, hand position, FSR, timestamp; pose: per-joint angle
+  # errors and per-finger visibility of the ground-truth hand (docs/report.md).
+  c.analysis.frame_fields = True
+  c.analysis.face_labels = ""  # mano_face_labels.json; "" = generated from the MANO model
+
   c.data = ml_collections.ConfigDict()
   c.data.data_dir = "_DATA/egodorsal"
   c.data.format = "folder"  # or "array_record" (tools/pack_array_record.py)

@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from dd_jax import losses, metrics
+from dd_jax.analysis import fields as analysis_fields
 from dd_jax.mano import io as mano_io
 from dd_jax.viz import pictures
 
@@ -36,7 +37,8 @@ class Task(Protocol):
     """A split's summed metric sums -> (metrics, what `summary_pictures` draws)."""
 
   def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-frame test outputs -> the dict test_outputs_epoch{N}.npy holds (the original's)."""
+    """Per-frame test outputs -> the dict test_outputs_epoch{N}.npy holds: the original's
+    fields, and beside them the analysis fields (dd_jax.analysis.fields)."""
 
   def pictures(self, local_batch, host_outputs) -> Pictures:
     """Per-frame pictures of one evaluated batch (validation panels)."""
@@ -90,7 +92,8 @@ class PoseTask:
 
   def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     keys = ("frame_id", "pose", "shape", "pred_kp_3d", "gt_kp_3d", "hamer_kp_3d")
-    return {k: np.asarray(outputs[k]) for k in keys}
+    return analysis_fields.with_test_fields({k: np.asarray(outputs[k]) for k in keys},
+                                            self.config, self.consts["mano"])
 
   def pictures(self, local_batch, host_outputs) -> Pictures:
     n = min(self.config.num_val_pictures, len(local_batch["img"]))
@@ -151,7 +154,8 @@ class ForceTask:
     return out, {"confusion": confusion}
 
   def test_record(self, outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: np.asarray(outputs[k]) for k in ("frame_id", "pred_tap_labels", "gt_tap_labels")}
+    keys = ("frame_id", "pred_tap_labels", "gt_tap_labels")
+    return analysis_fields.with_test_fields({k: np.asarray(outputs[k]) for k in keys}, self.config)
 
   def pictures(self, local_batch, host_outputs) -> Pictures:
     return iter(())

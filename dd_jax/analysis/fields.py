@@ -9,6 +9,9 @@ fills in whatever an older (or the original's) file lacks from the dataset.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 from typing import Sequence
 
 import cv2
@@ -16,7 +19,8 @@ import jax
 import numpy as np
 
 from dd_jax.analysis import pose_errors, visibility
-from dd_jax.data import egodorsal, store
+from dd_jax.data import array_record, egodorsal, store
+from dd_jax.logs import log
 from dd_jax.mano.model import mano_forward
 
 METADATA_FIELDS = ("p_id", "trial_id", "motion_type", "hand_position", "fsr_reading", "timestamp")
@@ -165,3 +169,47 @@ def add_fields(record: dict[str, np.ndarray], data_dir: str, model=None,
       out["finger_visibility"], problems = finger_visibility_field(data_dir, frame_ids, model,
                                                                    face_labels)
   return out, problems
+
+
+def _annotations_dir(data_dir: str) -> str | None:
+  """The folder whose annotation files visibility reads: data_dir, or for a packed ArrayRecord
+  folder the source folder it was packed from (None when that is gone)."""
+  pack = os.path.join(data_dir, array_record.PACK_INDEX)
+  if not os.path.exists(pack):
+    return data_dir
+  with open(pack, encoding="utf-8") as f:
+    source = json.load(f).get("source", "")
+  return source if source and os.path.isdir(source) else None
+
+
+def with_test_fields(record: dict[str, np.ndarray], config, model=None) -> dict[str, np.ndarray]:
+  """The test phase's record plus the analysis fields (config.analysis.frame_fields).
+
+  Never fails the test phase: what cannot be computed is logged and left out (tools/report.py
+  --data_dir computes it later). model: the MANO model of a pose task (None: no visibility).
+  """
+  if not config.analysis.frame_fields:
+    return record
+  try:
+    labels = None
+    folder = _annotations_dir(config.data.data_dir)
+    if model is not None and folder is None:
+      log.warning("finger visibility left out: %s is packed and its source folder is gone",
+                  config.data.data_dir)
+      model = None
+    if model is not None:
+      labels = (visibility.load_face_labels(config.analysis.face_labels, len(model.faces))
+                if config.analysis.face_labels else visibility.generate_face_labels(model))
+    start = time.perf_counter()
+    out, problems = add_fields(record, folder or config.data.data_dir, model, labels)
+    log.info("analysis fields of %d test frames in %.1f s", len(out["frame_id"]),
+             time.perf_counter() - start)
+    for problem in problems[:20]:
+      log.warning("finger visibility skipped: %s", problem)
+    if len(problems) > 20:
+      log.warning("... and %d more frames without finger visibility", len(problems) - 20)
+    return out
+  except (OSError, KeyError, ValueError) as e:  # DatasetFormatError is a ValueError
+    log.warning("test outputs written without the analysis fields (%s); tools/report.py "
+                "--data_dir DATA adds them", e)
+    return record

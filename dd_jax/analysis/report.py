@@ -128,13 +128,13 @@ def participant_metadata(data_dir: str, folder: str) -> dict[int, dict[str, Any]
                  and isinstance(v, (str, int, float))}
         out.setdefault(entry["p_id"], {}).update(extra)
 
-  for path in (os.path.join(data_dir, "bases.json"), os.path.join(data_dir, "participants.json"),
-               os.path.join(folder, "participants.json")):
-    if data_dir or path.startswith(folder):
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-          value = json.load(f)
-        take(value.get("participants") if isinstance(value, dict) else value)
+  paths = [os.path.join(data_dir, name) for name in ("bases.json", "participants.json")
+           if data_dir] + [os.path.join(folder, "participants.json")]
+  for path in paths:
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+      take(value.get("participants") if isinstance(value, dict) else value)
   return out
 
 

@@ -215,13 +215,13 @@ def occlusion_tables(frames: PoseFrames) -> list[Table]:
   mcp = list(pose_errors.MCP_ANGLE)
   model_mcp = frames.model["angle_error"][:, mcp].reshape(-1)
   prior_mcp = frames.prior["angle_error"][:, mcp].reshape(-1)
+  fingers = np.array([motion_fingers(m) for m in motion])  # (N, 5) each frame's named fingers
   for name in taps + (["all taps"] if len(taps) > 1 else []):
     frame_sel = np.isin(motion, taps) if name == "all taps" else motion == name
-    fingers = np.array([motion_fingers(m) for m in motion])
     select = (frame_sel[:, None] & fingers & (vis < OCCLUDED_BELOW)).reshape(-1)
     tap_rows.append([name, int(select.sum())]
                     + compare(pair_p, select, rmse_of(model_mcp), rmse_of(prior_mcp)))
-  finger = np.array([int(np.argmax(motion_fingers(m)[1:])) + 1 for m in motion])
+  finger = np.argmax(fingers[:, 1:], axis=1) + 1  # the pinching finger: the first named
   rows = np.arange(len(motion))
   gt_distance = pose_errors.tip_to_thumb_mm(record["gt_kp_3d"], finger)
   model_d = pose_errors.tip_to_thumb_mm(record["pred_kp_3d"], finger) - gt_distance
