@@ -26,6 +26,12 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.log_every_steps = 20
   c.checkpoint_every_steps = 200  # mid-epoch saves for resuming (0 = epoch ends only)
   c.num_val_pictures = 4
+  c.logger = "tensorboard"  # or "wandb" (pip install wandb; docs/report.md)
+  c.wandb = ml_collections.ConfigDict()
+  c.wandb.project = "dd_jax"
+  c.wandb.entity = ""  # "" = the account's default
+  c.wandb.mode = ""  # "online", "offline", or "" = online when W&B is reachable and logged in
+  c.wandb.group = ""  # tools/loso.py puts its folds in one group
 
   c.analysis = ml_collections.ConfigDict()
   # Per-frame fields for tools/report.py in test_outputs_epoch{N}.npy (beside the original's):

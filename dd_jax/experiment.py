@@ -58,7 +58,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     checkpointing.check_writable(os.path.join(workdir, "checkpoints"))
   mesh = mesh or parallel.make_mesh()
   parallel.check_batch_sizes(mesh, config.data.batch_size, config.data.eval_batch_size)
-  writer = logs.MetricWriter(workdir)
+  writer = logs.MetricWriter(workdir, config)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))

@@ -1,4 +1,5 @@
-"""What a run shows: console progress, metrics.jsonl, TensorBoard events and PNG pictures.
+"""What a run shows: console progress, metrics.jsonl, PNG pictures, and TensorBoard events or a
+Weights & Biases run.
 
 Only process 0 writes; the other processes get a writer that does nothing.
 """
@@ -10,9 +11,11 @@ import logging
 import os
 import sys
 import time
+from typing import Protocol
 
 import cv2
 import jax
+import ml_collections
 import numpy as np
 
 # dd_jax's own console messages; absl (Orbax, JAX) stays at WARNING so progress is readable.
@@ -31,17 +34,53 @@ def setup_console(level: int = logging.INFO) -> None:
   log.setLevel(level)
 
 
-class MetricWriter:
-  """Scalars to metrics.jsonl and TensorBoard; images to PNG files and TensorBoard."""
+class Logger(Protocol):
+  """Where MetricWriter sends scalars, pictures and text besides metrics.jsonl and PNG files."""
+
+  def scalars(self, step: int, values: dict[str, float]) -> None: ...
+  def image(self, step: int, name: str, rgb: np.ndarray) -> None: ...
+  def text(self, name: str, text: str) -> None: ...
+  def close(self) -> None: ...
+
+
+class TensorBoardLogger:
+  """TensorBoard event files under workdir/tensorboard (the default)."""
 
   def __init__(self, workdir: str):
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    for k, v in values.items():
+      self._tb.add_scalar(k, v, step)
+
+  def image(self, step: int, name: str, rgb: np.ndarray) -> None:
+    self._tb.add_image(name, rgb, step, dataformats="HWC")
+
+  def text(self, name: str, text: str) -> None:
+    self._tb.add_text(name, text)
+
+  def close(self) -> None:
+    self._tb.close()
+
+
+class MetricWriter:
+  """Scalars to metrics.jsonl, images to PNG files, and both to the configured logger
+  (config.logger: TensorBoard, or Weights & Biases through dd_jax.wandb_logger)."""
+
+  def __init__(self, workdir: str, config: ml_collections.ConfigDict):
     self.enabled = jax.process_index() == 0
     self.workdir = workdir
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    if config.logger == "tensorboard":
+      self._logger: Logger = TensorBoardLogger(workdir)
+    elif config.logger == "wandb":
+      from dd_jax import wandb_logger  # pylint: disable=g-import-not-at-top
+      self._logger = wandb_logger.WandbLogger(workdir, config)
+    else:
+      raise ValueError(f"config.logger must be 'tensorboard' or 'wandb', got {config.logger!r}")
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -50,8 +89,7 @@ class MetricWriter:
     values = {k: float(v) for k, v in values.items()}
     self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
     self._jsonl.flush()
-    for k, v in values.items():
-      self._tb.add_scalar(k, v, step)
+    self._logger.scalars(int(step), values)
 
   def forget_after(self, step: int) -> None:
     """Drops metrics.jsonl's records of steps after `step`: a run resumed from that step writes
@@ -72,23 +110,23 @@ class MetricWriter:
     self._jsonl = open(path, "a", encoding="utf-8")  # pylint: disable=consider-using-with
 
   def image(self, step: int, name: str, rgb: np.ndarray) -> str | None:
-    """Writes an (H, W, 3) uint8 RGB picture as workdir/pictures/NAME_stepN.png and to TensorBoard."""
+    """An (H, W, 3) uint8 RGB picture to workdir/pictures/NAME_stepN.png and to the logger."""
     if not self.enabled:
       return None
     folder = os.path.join(self.workdir, "pictures")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"{name.replace('/', '_')}_step{step}.png")
     cv2.imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    self._tb.add_image(name, rgb, step, dataformats="HWC")
+    self._logger.image(int(step), name, rgb)
     return path
 
   def text(self, name: str, text: str) -> None:
     if self.enabled:
-      self._tb.add_text(name, text)
+      self._logger.text(name, text)
 
   def close(self) -> None:
     if self.enabled:
-      self._tb.close()
+      self._logger.close()
       self._jsonl.close()
 
 
