@@ -15,9 +15,9 @@ from dd_jax import metrics
 from dd_jax.analysis import clicks, fields, force_tables, pose_errors, stats, tables, visibility
 from dd_jax.data import egodorsal, synthetic_hand
 from dd_jax.mano.model import mano_forward
+from dd_jax.mano.synthetic import synthetic_mano_model
 
 _mano = jax.jit(mano_forward)
-from dd_jax.mano.synthetic import synthetic_mano_model
 
 # ------------------------------------------------------------------ reference (SPEC.md §5)
 TRIPLETS = [[0, 1, 2], [1, 2, 3], [2, 3, 4], [0, 5, 6], [5, 6, 7], [6, 7, 8], [0, 9, 10],
