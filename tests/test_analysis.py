@@ -86,8 +86,9 @@ def test_per_frame_errors_match_the_spec_reference():
   np.testing.assert_allclose(errors["mpjpe"], 1000 * np.linalg.norm(pred - gt, axis=-1).mean(1),
                              rtol=1e-12)
   # The split sums of metrics.py give the same means over the split.
-  sums = metrics.finalize_pose({k: np.asarray(v, np.float64) for k, v in jax.jit(metrics.pose_metric_sums)(
-      pred.astype(np.float32), gt.astype(np.float32), gt.astype(np.float32)).items()})
+  sums = jax.jit(metrics.pose_metric_sums)(pred.astype(np.float32), gt.astype(np.float32),
+                                           gt.astype(np.float32))
+  sums = metrics.finalize_pose({k: np.asarray(v, np.float64) for k, v in sums.items()})
   assert abs(sums["mpjae"] - errors["mpjae"].mean()) < 2e-3 * errors["mpjae"].mean()
   assert abs(sums["auc"] - pose_errors.auc(pose_errors.pck_curve(errors["joint_error"]))) < 1e-3
 

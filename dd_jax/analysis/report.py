@@ -76,16 +76,23 @@ def collect(path: str, sources: Sources) -> tuple[dict[str, np.ndarray], list[st
   """All test frames under `path` with the analysis fields -> (record, notes, data_dir)."""
   records, notes, data_dir = [], [], ""
   hands: dict[tuple, tuple] = {}  # (mano path, tip ids) -> (model, face labels)
-  for run_dir in run_folders(path):
-    outputs = test_outputs_file(run_dir)
+  folders = run_folders(path)
+  for run_dir in folders:
+    try:
+      outputs = test_outputs_file(run_dir)
+    except FileNotFoundError:
+      if len(folders) == 1:
+        raise
+      notes.append(f"{run_dir}: no test outputs yet (an unfinished fold), left out")
+      continue
     record = load_record(outputs)
     config = _config(run_dir)
     data_dir = sources.data_dir or config.get("data", {}).get("data_dir", "")
     missing = _needs(record)
     if missing:
       if not data_dir or not os.path.isdir(data_dir):
-        notes.append(f"{outputs}: lacks {', '.join(missing)} and the dataset ({data_dir or 'none'}) "
-                     "is not there to compute them: pass --data_dir")
+        notes.append(f"{outputs}: lacks {', '.join(missing)} and the dataset "
+                     f"({data_dir or 'none'}) is not there to compute them: pass --data_dir")
       else:
         model = labels = None
         if "finger_visibility" in missing:
@@ -100,6 +107,8 @@ def collect(path: str, sources: Sources) -> tuple[dict[str, np.ndarray], list[st
         notes.append(f"{outputs}: computed {', '.join(missing)} from {data_dir}")
         notes += [f"  visibility skipped: {p}" for p in problems[:20]]
     records.append(record)
+  if not records:
+    raise FileNotFoundError(f"{path}: no fold has test outputs yet")
   common = set.intersection(*(set(r) for r in records))
   dropped = set.union(*(set(r) for r in records)) - common
   if dropped:
@@ -191,7 +200,8 @@ def _pose_sections(lines, out_dir, record, metadata) -> None:
   else:
     for table in tables.visibility_tables(frames):
       _section(lines, out_dir, table)
-    figures.visibility_figure(frames.visibility.reshape(-1), frames.finger_mpjae("model").reshape(-1),
+    figures.visibility_figure(frames.visibility.reshape(-1),
+                              frames.finger_mpjae("model").reshape(-1),
                               frames.finger_mpjae("prior").reshape(-1),
                               os.path.join(out_dir, "mpjae_vs_visibility.png"))
     lines += ["![MPJAE against visibility](mpjae_vs_visibility.png)", ""]

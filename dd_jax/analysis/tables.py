@@ -132,7 +132,8 @@ def per_joint_table(frames: PoseFrames) -> Table:
     rows.append([FINGER_NAMES[finger], pose_errors.JOINTS[finger][level]] + compare(
         p, None, mean_of(frames.model["angle_error"][:, j]),
         mean_of(frames.prior["angle_error"][:, j])))
-  for label, key in (("MPJAE (°)", "mpjae"), ("PA-MPJPE (mm)", "pa_mpjpe"), ("MPJPE (mm)", "mpjpe")):
+  overall = (("MPJAE (°)", "mpjae"), ("PA-MPJPE (mm)", "pa_mpjpe"), ("MPJPE (mm)", "mpjpe"))
+  for label, key in overall:
     rows.append(["all", label] + compare(p, None, mean_of(frames.model[key]),
                                          mean_of(frames.prior[key])))
   return Table("per_joint", "Per-joint MPJAE (°), and overall errors",
@@ -175,7 +176,8 @@ def visibility_tables(frames: PoseFrames) -> list[Table]:
 
   low_pair = vis <= OCCLUDED_BELOW
   low_frame = np.any(np.asarray(frames.visibility) <= OCCLUDED_BELOW, axis=1)
-  occluded = Table("occluded", "At <= 50% visibility", ["metric", "count"] + _pose_columns("error"), [
+  header = ["metric", "count"] + _pose_columns("error")
+  occluded = Table("occluded", "At <= 50% visibility", header, [
       ["finger MPJAE (°), fingers <= 50% visible", int(low_pair.sum())]
       + compare(pair_p, low_pair, mean_of(model), mean_of(prior)),
       ["PA-MPJPE (mm), frames with a finger <= 50% visible", int(low_frame.sum())]
