@@ -7,7 +7,7 @@ import dataclasses
 
 import numpy as np
 
-from dd_jax import metrics, tasks
+from dd_jax import metrics
 from dd_jax.analysis import clicks as clicks_lib
 from dd_jax.analysis.stats import across_participants
 from dd_jax.analysis.tables import Table
@@ -64,9 +64,11 @@ def _f1(pred, gt, num_classes):
       {"confusion": clicks_lib.confusion(gt[rows], pred[rows], num_classes)[None]})["f1_w"]
 
 
-def _majority_f1(gt, num_classes):
-  """Weighted F1 of always predicting the most frequent true class: the baseline to beat."""
-  return lambda rows: tasks.majority_f1(clicks_lib.confusion(gt[rows], gt[rows], num_classes))
+def _constant_f1(gt, num_classes):
+  """Weighted F1 of always predicting the most frequent true class of ALL rows (frames or
+  clicks; for frames "no press"): the baseline to beat, the same for every motion type."""
+  label = int(np.bincount(gt, minlength=num_classes).argmax()) if len(gt) else 0
+  return _f1(np.full_like(gt, label), gt, num_classes)
 
 
 def force_tables(frames: ForceFrames) -> tuple[list[Table], dict[str, np.ndarray]]:
@@ -81,15 +83,15 @@ def force_tables(frames: ForceFrames) -> tuple[list[Table], dict[str, np.ndarray
     frame_rows.append([name, int(select.sum()),
                        across_participants(frames.p_id, select, _accuracy(frames.pred, frames.gt)),
                        across_participants(frames.p_id, select, _f1(frames.pred, frames.gt, k)),
-                       across_participants(frames.p_id, select, _majority_f1(frames.gt, k))])
+                       across_participants(frames.p_id, select, _constant_f1(frames.gt, k))])
     chosen = np.ones(len(peak), bool) if name == "all" else click_motion == name
     click_rows.append([name, int(chosen.sum()),
                        across_participants(click_p, chosen,
                                            _accuracy(frames.click_pred, frames.click_gt)),
                        across_participants(click_p, chosen,
                                            _f1(frames.click_pred, frames.click_gt, k)),
-                       across_participants(click_p, chosen, _majority_f1(frames.click_gt, k))])
-  header = ["motion type", "{}", "accuracy", "weighted F1", "majority-class weighted F1"]
+                       across_participants(click_p, chosen, _constant_f1(frames.click_gt, k))])
+  header = ["motion type", "{}", "accuracy", "weighted F1", "weighted F1, most frequent class"]
   tables = [Table("force_frames", "Force, per frame", [h.format("frames") for h in header],
                   frame_rows),
             Table("force_clicks", "Force, per click (majority vote over the click's frames)",
