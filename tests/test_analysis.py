@@ -13,9 +13,10 @@ from scipy import stats as scipy_stats
 
 from dd_jax import metrics
 from dd_jax.analysis import clicks, fields, force_tables, pose_errors, stats, tables, visibility
-from dd_jax.data import egodorsal, synthetic_hand
+from dd_jax.data import egodorsal
 from dd_jax.mano.model import mano_forward
-from dd_jax.mano.synthetic import synthetic_mano_model
+from dd_jax.synthetic import rig as synthetic_rig
+from dd_jax.synthetic.hand import synthetic_mano_model
 
 _mano = jax.jit(mano_forward)
 
@@ -67,7 +68,7 @@ def _keypoints(n, seed=0):
   """Plausible hands: synthetic MANO keypoints of random curls, and noisy predictions of them."""
   rng = np.random.default_rng(seed)
   model = synthetic_mano_model()
-  rig = synthetic_hand.HandRig(model)
+  rig = synthetic_rig.HandRig(model)
   gt = np.asarray(_mano(model, np.zeros((n, 10), np.float32),
                                rig.pose(rng.uniform(0, 1, (n, 5))).astype(np.float32)).keypoints,
                   np.float64)
@@ -177,7 +178,7 @@ def _camera_mesh(curls, side="dorsal"):
   """The synthetic hand posed by finger curls (thumb..pinky), seen from 40 cm by a camera
   facing its back (or palm)."""
   model = synthetic_mano_model()
-  rig = synthetic_hand.HandRig(model)
+  rig = synthetic_rig.HandRig(model)
   vertices = np.asarray(_mano(model, np.zeros((1, 10), np.float32),
                                      rig.pose(np.asarray(curls, np.float64)[None]).astype(
                                          np.float32)).vertices[0], np.float64)

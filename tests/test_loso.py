@@ -133,7 +133,7 @@ def test_fold_runs_and_merge_equal_the_sequential_table(loso_root, tiny_dataset,
   # A finished fold is not run again (the trainer is not called); with other settings it is an
   # error, not a silent reuse. The settings are those of the subprocesses' --config.
   config = tiny.config("pose", tiny_dataset, max_epochs=2)
-  monkeypatch.setattr(loso.trainer, "train_and_evaluate", None)
+  monkeypatch.setattr(loso.experiment, "train_and_evaluate", None)
   test = loso.run_fold(config, [1, 2, 3], 2, root, False)
   assert test == _json(os.path.join(root, "fold_2", loso.FOLD_RESULTS))["test"]
   config.seed = 7

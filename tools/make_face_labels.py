@@ -14,7 +14,7 @@ import json
 from absl import app, flags
 
 from dd_jax.analysis import visibility
-from dd_jax.mano import synthetic as mano_synthetic
+from dd_jax.mano import io as mano_io
 
 _OUT = flags.DEFINE_string("out", None, "output JSON file", required=True)
 _MANO = flags.DEFINE_string("mano", "", "MANO file (any layout); empty = the synthetic hand")
@@ -22,7 +22,7 @@ _MANO = flags.DEFINE_string("mano", "", "MANO file (any layout); empty = the syn
 
 def main(argv):
   del argv
-  labels = visibility.generate_face_labels(mano_synthetic.load_mano_or_synthetic(_MANO.value))
+  labels = visibility.generate_face_labels(mano_io.load_mano_or_synthetic(_MANO.value))
   visibility.save_face_labels(labels, _OUT.value)
   counts = {name: int((labels == k).sum()) for k, name in enumerate(visibility.LABEL_NAMES)}
   print(json.dumps({"wrote": _OUT.value, "faces": len(labels), "per_label": counts}))

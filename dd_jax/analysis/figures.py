@@ -7,8 +7,9 @@ import cv2
 import numpy as np
 from matplotlib.figure import Figure
 
-from dd_jax import metrics, pictures
+from dd_jax import metrics
 from dd_jax.analysis import stats
+from dd_jax.viz import pictures
 
 MODEL_COLOR, PRIOR_COLOR = "#2a9d4b", "#d9483b"  # as the validation pictures: green, red
 MAX_SCATTER_POINTS = 4000

@@ -17,7 +17,7 @@ import numpy as np
 
 from dd_jax import safe_pickle
 from dd_jax.analysis import fields, figures, force_tables, tables, visibility
-from dd_jax.mano import synthetic as mano_synthetic
+from dd_jax.mano import io as mano_io
 from dd_jax.mano.model import DELTADORSAL_TIP_IDS
 
 DOCS = "docs/report.md"
@@ -100,7 +100,7 @@ def collect(path: str, sources: Sources) -> tuple[dict[str, np.ndarray], list[st
           key = (sources.mano_path if sources.mano_path is not None else mano.get("path", ""),
                  tuple(mano.get("tip_ids", DELTADORSAL_TIP_IDS)))
           if key not in hands:
-            model = mano_synthetic.load_mano_or_synthetic(key[0], tip_ids=key[1])
+            model = mano_io.load_mano_or_synthetic(key[0], tip_ids=key[1])
             hands[key] = model, face_labels_for(model, sources.face_labels, notes)
           model, labels = hands[key]
         record, problems = fields.add_fields(record, data_dir, model, labels)

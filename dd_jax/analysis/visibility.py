@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from dd_jax.data import render
+from dd_jax.synthetic import render
 
 LABEL_NAMES = ("index", "middle", "ring", "pinky", "thumb", "dorsal", "palm", "other")
 FINGERS = ("thumb", "index", "middle", "ring", "pinky")  # OpenPose order, as metrics.ANGLE_TRIPLETS
