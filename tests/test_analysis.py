@@ -12,7 +12,8 @@ import pytest
 from scipy import stats as scipy_stats
 
 from dd_jax import metrics
-from dd_jax.analysis import clicks, fields, force_tables, pose_errors, stats, tables, visibility
+from dd_jax.analysis import (clicks, fields, force_tables, pose_errors, report, stats, tables,
+                             visibility)
 from dd_jax.data import egodorsal
 from dd_jax.mano.model import mano_forward
 from dd_jax.synthetic import rig as synthetic_rig
@@ -151,6 +152,32 @@ def test_table_means_and_sds_match_a_plain_recomputation():
               if np.any(select & (p == q))]
   np.testing.assert_allclose(taps[2].values, expected, rtol=1e-5)
 
+  # The MPJAE-vs-visibility line over (frame, finger) pairs, per 10% visible.
+  fit = tables.visibility_tables(frames)[2].rows[0]
+  ref = scipy_stats.linregress(100 * record["finger_visibility"].reshape(-1),
+                               finger_error.reshape(-1))
+  np.testing.assert_allclose(fit[1:4], [10 * ref.slope, ref.intercept, ref.rvalue ** 2],
+                             rtol=1e-9)
+  # PA-MPJPE of frames with any finger <= 50% visible.
+  low_frame = low.any(1)
+  pa_row = tables.visibility_tables(frames)[1].rows[1]
+  assert pa_row[1] == low_frame.sum()
+  np.testing.assert_allclose([pa_row[2].mean, pa_row[2].sd],
+                             _mean_sd([pa[low_frame & (p == q)].mean() for q in (1, 2, 3)]),
+                             rtol=1e-5)
+
+  # Pinches: fingertip-to-thumb distance RMSE (mm) when the pinching finger (index) is < 50%.
+  pinch = tables.occlusion_tables(frames)[1].rows[0]
+  assert pinch[0] == "force_pinch_index"
+  select = (record["motion_type"] == "force_pinch_index") & \
+      (record["finger_visibility"][:, 1] < 0.5)
+  distance = lambda kp: 1000 * np.linalg.norm(kp[:, 8] - kp[:, 4], axis=-1)
+  gap = distance(record["pred_kp_3d"]) - distance(record["gt_kp_3d"])
+  expected = [np.sqrt(np.mean(gap[select & (p == q)] ** 2)) for q in (1, 2, 3)
+              if np.any(select & (p == q))]
+  assert pinch[1] == select.sum()
+  np.testing.assert_allclose(pinch[2].values, expected, rtol=1e-9)
+
   auc = tables.pck_table(frames)[0].rows[0][1]
   errors = 1000 * np.linalg.norm(record["pred_kp_3d"] - record["gt_kp_3d"], axis=-1)
   thresholds = np.linspace(0, 50, 501)
@@ -171,7 +198,66 @@ def test_csv_has_mean_sd_and_participants_per_summary_cell():
   assert first[4] == "3"
 
 
+def test_participant_metadata_and_its_anova(tmp_path):
+  record = _pose_record()
+  data = tmp_path / "data"
+  data.mkdir()
+  # Skin tone from bases.json for two participants, from a participants.json for the third.
+  (data / "bases.json").write_text(json.dumps(
+      {"participants": [{"p_id": 1, "bases": [], "skin_tone": 2}, {"p_id": 2, "skin_tone": 5}]}))
+  (tmp_path / "participants.json").write_text(json.dumps([{"p_id": 3, "skin_tone": 5}]))
+  metadata = report.participant_metadata(str(data), str(tmp_path))
+  assert metadata == {1: {"skin_tone": 2}, 2: {"skin_tone": 5}, 3: {"skin_tone": 5}}
+  per, anova = tables.participant_tables(tables.PoseFrames.from_record(record), metadata)
+  assert [row[:3] for row in per.rows] == [[1, 20, 2], [2, 20, 5], [3, 20, 5]]
+  mpjae = ref_angle_errors(record["pred_kp_3d"], record["gt_kp_3d"]).mean(1)
+  tone = np.array([{1: 2, 2: 5, 3: 5}[q] for q in record["p_id"]])
+  row = next(r for r in anova.rows if r[:2] == ["skin_tone", "DeltaDorsal MPJAE"])
+  f, p = scipy_stats.f_oneway(mpjae[tone == 2], mpjae[tone == 5])
+  assert row[2] == f"F(1, 58) = {f:.2f}" and float(row[3]) == pytest.approx(p, rel=1e-2)
+  between = sum((tone == t).sum() * (mpjae[tone == t].mean() - mpjae.mean()) ** 2 for t in (2, 5))
+  np.testing.assert_allclose(row[4], between / np.sum((mpjae - mpjae.mean()) ** 2), rtol=1e-5)
+  assert {r[0] for r in anova.rows} == {"participant", "skin_tone"}
+
+
 # ------------------------------------------------------------------ visibility
+
+
+def _box(lo, hi):
+  """A closed box (8 vertices, 12 triangles wound so that normals point outwards)."""
+  corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1])
+                      for z in (lo[2], hi[2])], np.float64)
+  quads = [(0, 1, 3, 2), (4, 6, 7, 5), (0, 4, 5, 1), (2, 3, 7, 6), (0, 2, 6, 4), (1, 5, 7, 3)]
+  faces = []
+  for a, b, c, d in quads:
+    for tri in ((a, b, c), (a, c, d)):
+      t = corners[list(tri)]
+      normal = np.cross(t[1] - t[0], t[2] - t[0])
+      faces.append(tri if normal @ (t.mean(0) - corners.mean(0)) > 0 else tri[::-1])
+  return corners, np.array(faces)
+
+
+# Behind the box, the slab's front face (0.03 x 0.06 m at 0.70 m) loses the box's x > 0 half
+# (0.01 x 0.02 m at 0.50 m) in projection: 1 - (0.01 * 0.02 / 0.5²) / (0.03 * 0.06 / 0.7²).
+_SLAB_BEHIND = 1 - (0.01 * 0.02 / 0.5 ** 2) / (0.03 * 0.06 / 0.7 ** 2)
+
+
+@pytest.mark.parametrize("occluder_z, finger_share, slab_share",
+                         [((0.30, 0.31), 0.5, 1.0), ((0.70, 0.71), 1.0, _SLAB_BEHIND)])
+def test_visibility_of_boxes_matches_a_hand_computed_share(occluder_z, finger_share, slab_share):
+  # An "index" box straddling the optical axis (only its front face faces the camera) and a
+  # "dorsal" slab whose edge lies in the plane x = 0: in front of the box it hides exactly the
+  # box's x > 0 half; behind it, the box hides part of the slab. Side faces face away.
+  finger, finger_faces = _box((-0.01, -0.01, 0.50), (0.01, 0.01, 0.52))
+  slab, slab_faces = _box((0.0, -0.03, occluder_z[0]), (0.03, 0.03, occluder_z[1]))
+  vertices = np.concatenate([finger, slab])
+  faces = np.concatenate([finger_faces, slab_faces + 8])
+  labels = np.array([0] * 12 + [visibility.DORSAL] * 12)
+  shares = visibility.label_visibility(vertices, faces, labels)
+  np.testing.assert_allclose(shares[[0, visibility.DORSAL]], [finger_share, slab_share], atol=0.03)
+  assert np.isnan(shares[1])  # no middle-finger faces
+  with pytest.raises(ValueError, match="in front of the camera"):
+    visibility.label_visibility(vertices - [0, 0, 0.6], faces, labels)
 
 
 def _camera_mesh(curls, side="dorsal"):
@@ -294,6 +380,23 @@ def test_per_click_voting_on_a_hand_made_trace():
   expected[1, 1] = expected[1, 2] = expected[4, 3] = 1
   np.testing.assert_array_equal(confusions["clicks_in-air"], expected)
   assert found_tables[0].rows[0][2].mean == pytest.approx(np.mean(np.array(pred) == gt))
+  assert found_tables[0].rows[0][3].mean == pytest.approx(_weighted_f1(pred, gt))
+  assert click_row[3].mean == pytest.approx(_weighted_f1([1, 2, 3], [1, 1, 4]))
+  # The baseline: always the most frequent true class of all clicks (1).
+  assert click_row[4].mean == pytest.approx(_weighted_f1([1, 1, 1], [1, 1, 4]))
+
+
+def _weighted_f1(pred, gt):
+  """sklearn's f1_score(average="weighted", zero_division=0), written out."""
+  pred, gt = np.asarray(pred), np.asarray(gt)
+  total = 0.0
+  for c in np.unique(gt):
+    tp = np.sum((pred == c) & (gt == c))
+    precision = tp / max(np.sum(pred == c), 1)
+    recall = tp / np.sum(gt == c)
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    total += np.sum(gt == c) / len(gt) * f1
+  return total
 
 
 # ------------------------------------------------------------------ statistics
