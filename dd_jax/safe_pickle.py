@@ -9,8 +9,9 @@ The rules (docs/security.md explains each and the attack it stops):
   immutable (no attribute can be set, BUILD on them is refused), so one file cannot change how
   the next one, or the rest of itself, is read.
 - numpy arrays and scalars are never built by numpy's own unpickling: `numpy.dtype` yields a spec
-  naming one entry of a fixed table of plain numeric dtypes (the pickled dtype state may only pick
-  the byte order), `_reconstruct` yields a placeholder that the load turns into an array from
+  naming one entry of a fixed table of plain numeric dtypes, or a fixed-width string (`U<n>`,
+  `S<n>`: no pointers; unicode code points are checked), and the pickled dtype state may only pick
+  the byte order; `_reconstruct` yields a placeholder that the load turns into an array from
   exactly shape x itemsize bytes. Object dtypes are refused, except for the outer 0-d or n-d
   object array of an `.npy` dict, which is built here from the already-vetted items.
 - Every array's declared size is checked before it is built or read: at most `max_bytes` each
@@ -27,6 +28,7 @@ import io
 import math
 import os
 import pickle
+import re
 import threading
 from typing import Any, BinaryIO, Callable, Mapping
 
@@ -146,6 +148,9 @@ def fresh_subclass(base: type, name: str) -> type:
 DTYPES = {name: np.dtype(name) for name in (
     "b1", "i1", "u1", "i2", "u2", "i4", "u4", "i8", "u8", "f2", "f4", "f8", "c8", "c16")}
 OBJECT_DTYPE_NAMES = ("O8", "O4")  # np.dtype(object) as numpy pickles it (64 / 32-bit)
+# Fixed-width unicode / byte strings (numpy pickles np.dtype("U23") as "U23" with 92 bytes per
+# item in its state): plain bytes like the numeric types; test outputs hold motion types in them.
+_STRING_DTYPE = re.compile(r"([US])([1-9][0-9]{0,5})")
 _BYTE_ORDERS = {"<": "<", ">": ">", "=": "=", "|": "|"}
 
 
@@ -156,12 +161,16 @@ class DtypeSpec(Frozen):
 
   def __init__(self, load: Load, name: Any, align: Any = False, copy: Any = False):
     del align, copy  # layout flags of plain dtypes: nothing to honour
-    if not isinstance(name, str) or (name not in DTYPES and name not in OBJECT_DTYPE_NAMES):
+    string = _STRING_DTYPE.fullmatch(name) if isinstance(name, str) else None
+    if not isinstance(name, str) or (name not in DTYPES and name not in OBJECT_DTYPE_NAMES
+                                     and string is None):
       raise Refusal(f"dtype {name!r} is not a plain numeric dtype (allowed: "
-                    f"{', '.join(DTYPES)})")
+                    f"{', '.join(DTYPES)}, U<n>, S<n>)")
     object.__setattr__(self, "load", load)
     object.__setattr__(self, "name", name)
-    object.__setattr__(self, "dtype", None if name in OBJECT_DTYPE_NAMES else DTYPES[name])
+    dtype = (np.dtype(f"{string[1]}{int(string[2])}") if string
+             else None if name in OBJECT_DTYPE_NAMES else DTYPES[name])
+    object.__setattr__(self, "dtype", dtype)
     object.__setattr__(self, "built", False)
 
   @property
@@ -175,8 +184,11 @@ class DtypeSpec(Frozen):
       raise Refusal(f"dtype {self.name!r}: unexpected state {state!r:.200}")
     if self.dtype is not None:
       order = state[1]
-      if order == "|" and self.dtype.itemsize > 1:
+      if order == "|" and self.dtype.itemsize > 1 and self.dtype.kind != "S":
         raise Refusal(f"dtype {self.name!r}: byte order '|' on a multi-byte type")
+      if self.dtype.kind in "US" and (len(state) < 6 or state[5] != self.dtype.itemsize):
+        raise Refusal(f"dtype {self.name!r}: its state gives {state[5] if len(state) > 5 else None!r}"
+                      f" bytes per item, the name {self.dtype.itemsize}")
       if order in "<>":
         object.__setattr__(self, "dtype", self.dtype.newbyteorder(order))
     object.__setattr__(self, "built", True)
@@ -241,7 +253,7 @@ class PendingArray:
     if len(data) != nbytes:
       raise Refusal(f"array of shape {shape} x {spec.dtype} needs {nbytes} bytes, the file "
                     f"gives {len(data)}")
-    flat = np.frombuffer(data, dtype=spec.dtype, count=numel)
+    flat = _checked_strings(np.frombuffer(data, dtype=spec.dtype, count=numel), "array")
     self.array = flat.reshape(shape, order="F" if self.fortran else "C").copy(order="K")
 
   def build(self, *, allow_object: bool) -> Any:
@@ -273,7 +285,17 @@ def _scalar(load: Load, spec: Any, data: Any = None) -> np.generic:
   data = _as_bytes(data, "scalar")
   if len(data) != spec.dtype.itemsize:
     raise Refusal(f"scalar of {spec.dtype} needs {spec.dtype.itemsize} bytes, got {len(data)}")
-  return np.frombuffer(data, dtype=spec.dtype, count=1)[0]
+  return _checked_strings(np.frombuffer(data, dtype=spec.dtype, count=1), "scalar")[0]
+
+
+def _checked_strings(values: np.ndarray, what: str) -> np.ndarray:
+  """values, after checking that a unicode array's code points exist (numpy would otherwise make
+  Python strings holding e.g. U+FFFFFFFF, which break whatever encodes them later)."""
+  if values.dtype.kind == "U" and values.size:
+    codes = values.view(np.dtype("u4").newbyteorder(values.dtype.byteorder))
+    if codes.max() > 0x10FFFF:
+      raise Refusal(f"{what} of {values.dtype}: code point {int(codes.max()):#x} is not unicode")
+  return values
 
 
 def _factory(name: str, fn: Callable[..., Any]) -> Callable[[Load], AllowedCallable]:

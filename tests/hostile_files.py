@@ -290,6 +290,19 @@ def make_corpus(folder: str, marker_dir: str) -> list[Case]:
   npy("npy_dtype_bad_byteorder.npy",
       {"a": array((1,), dtype("f8", (3, "X", None, None, None, -1, -1, 0)), b"A" * 8)},
       r"unexpected state")
+  # fixed-width strings (test outputs' motion types): the state's item size must match the name,
+  # unicode code points must exist, the width is bounded
+  string_state = lambda order, size: (3, order, None, None, None, size, 4, 8)
+  add("npy_string_dtype.npy", {"npy": ""}, write_npy_pickle, dumps(
+      {"a": array((2,), dtype("U3", string_state("<", 12)), "abcdef".encode("utf-32-le")),
+       "b": array((2,), dtype("S2", string_state("|", 2)), b"abcd")}, 3))
+  npy("npy_string_dtype_size_mismatch.npy",
+      {"a": array((3,), dtype("U3", string_state("<", 4)), b"A" * 12)},
+      r"dtype 'U3': its state gives 4 bytes per item, the name 12")
+  npy("npy_string_not_unicode.npy", {"a": array((1,), dtype("U1", string_state("<", 4)),
+                                                b"\xff" * 4)}, r"code point 0xffffffff")
+  npy("npy_string_dtype_too_wide.npy", {"a": array((1,), dtype("U10000000"), b"")},
+      r"dtype 'U10000000' is not a plain numeric dtype")
   npy("npy_object_scalar.npy",
       {"a": Call(G("numpy._core.multiarray", "scalar"), (dtype("O8"), b"A" * 8))},
       r"object scalars are refused")
