@@ -11,9 +11,17 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from dd_jax import metrics
-from dd_jax.analysis import (clicks, fields, force_tables, pose_errors, report, stats, tables,
-                             visibility)
+from dd_jax import experiment, metrics
+from dd_jax.analysis import (
+  clicks,
+  fields,
+  force_tables,
+  pose_errors,
+  report,
+  stats,
+  tables,
+  visibility,
+)
 from dd_jax.data import egodorsal
 from dd_jax.mano.model import mano_forward
 from dd_jax.synthetic import rig as synthetic_rig
@@ -184,6 +192,20 @@ def test_table_means_and_sds_match_a_plain_recomputation():
   expected = [np.trapezoid((errors[p == q].reshape(-1)[None] < thresholds[:, None]).mean(1),
                            thresholds) / 50 for q in (1, 2, 3)]
   np.testing.assert_allclose([auc.mean, auc.sd], _mean_sd(expected), rtol=1e-9)
+
+
+def test_test_outputs_with_string_fields_read_back(tmp_path):
+  # As the test phase writes them (np.save of the dict), with motion types and hand positions
+  # as unicode arrays: dd_jax's safe reader gives back what numpy's own loader does.
+  record = _pose_record(6)
+  path = experiment.write_test_outputs(str(tmp_path), 3, record, {})
+  read = report.load_record(path)
+  expected = np.load(path, allow_pickle=True).item()
+  assert sorted(read) == sorted(expected)
+  for key, value in expected.items():
+    assert read[key].dtype == value.dtype, key
+    np.testing.assert_array_equal(read[key], value)
+  assert read["motion_type"][0] == "force_pinch_index"
 
 
 def test_csv_has_mean_sd_and_participants_per_summary_cell():
