@@ -240,6 +240,10 @@ def test_participant_metadata_and_its_anova(tmp_path):
   between = sum((tone == t).sum() * (mpjae[tone == t].mean() - mpjae.mean()) ** 2 for t in (2, 5))
   np.testing.assert_allclose(row[4], between / np.sum((mpjae - mpjae.mean()) ** 2), rtol=1e-5)
   assert {r[0] for r in anova.rows} == {"participant", "skin_tone"}
+  # One participant and no metadata: no factor to test, said so (not "F(0, 19) = nan").
+  one = {k: v[:20] for k, v in record.items()}
+  _, anova = tables.participant_tables(tables.PoseFrames.from_record(one), {})
+  assert not anova.rows and "nothing to compare" in anova.note
 
 
 # ------------------------------------------------------------------ visibility

@@ -273,7 +273,7 @@ def participant_tables(frames: PoseFrames, metadata: dict[int, dict[str, Any]]) 
               ["participant", "frames"] + fields + ["DeltaDorsal MPJAE", "prior MPJAE",
                                                    "DeltaDorsal PA-MPJPE", "prior PA-MPJPE",
                                                    "DeltaDorsal MPJPE", "prior MPJPE"], rows)
-  factors = {"participant": p}
+  factors = {"participant": p} if len(np.unique(p)) > 1 else {}
   for k in fields:
     values = np.array([str(metadata.get(int(q), {}).get(k, "")) for q in p])
     if len(set(values.tolist())) > 1:
@@ -290,5 +290,6 @@ def participant_tables(frames: PoseFrames, metadata: dict[int, dict[str, Any]]) 
   anova = Table("anova", "One-way ANOVA of per-frame errors", ["factor", "error", "F", "p", "η²"],
                 anova_rows, note="Observations are frames, which are not independent within a "
                 "participant: read η² as the share of the error variance the factor explains; "
-                "p-values are optimistic.")
+                "p-values are optimistic." if anova_rows else "No factor with two or more values "
+                "(one participant, no metadata that differs): nothing to compare.")
   return [per, anova]
