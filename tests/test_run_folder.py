@@ -169,7 +169,7 @@ def test_unknown_and_ill_typed_keys_are_refused_by_the_command_line(tiny_dataset
 
 
 def test_forget_after_keeps_one_record_per_step(tmp_path):
-  writer = logs.MetricWriter(str(tmp_path))
+  writer = logs.MetricWriter(str(tmp_path), default_config.base_config("pose"))
   for step in (1, 2, 3):
     writer.scalars(step, {"train/loss": step})
   writer._jsonl.write('{"step": 4, "train/lo')  # the torn last line of a killed run
