@@ -1,6 +1,6 @@
 """Crops packed at training size (tools/pack_array_record.py --image_size): the same samples as
-the folder's online / precropped path up to JPEG, bad frames skipped and listed, a killed pack
-resumed to the same files."""
+the folder's online / precropped path (raw: exactly; jpeg: within its error), bad frames skipped
+and listed, a killed pack resumed to the same files."""
 
 import os
 import shutil
@@ -16,18 +16,18 @@ from dd_jax.data import crops, egodorsal, pipeline, samples, store, validation
 import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN_SIZE, PACK_SIZE = 32, 64  # packed above the training size, as a user would
+TRAIN_SIZE = PACK_SIZE = 32  # a run reads crops packed at its own size
 
 
 @pytest.fixture(scope="module")
 def packs(tiny_dataset, tmp_path_factory):
   out = {}
-  for mode in ("online", "precropped"):
-    path = str(tmp_path_factory.mktemp(f"crops_{mode}"))
-    summary = crops.pack(tiny_dataset, path, PACK_SIZE, mode=mode, chunk_frames=5,
+  for mode, codec in (("online", "raw"), ("precropped", "raw"), ("online", "jpeg")):
+    path = str(tmp_path_factory.mktemp(f"crops_{mode}_{codec}"))
+    summary = crops.pack(tiny_dataset, path, PACK_SIZE, mode=mode, codec=codec, chunk_frames=5,
                          log=lambda line: None)
     assert summary["frames"] == 24 and summary["bad_frames"] == 0 and summary["chunks"] == 5
-    out[mode] = path
+    out[mode if codec == "raw" else f"{mode}_{codec}"] = path
   return out
 
 
@@ -36,14 +36,16 @@ def _reader(root, task="pose", **kw):
   return pipeline._reader(config, task, "all")  # pylint: disable=protected-access
 
 
-@pytest.mark.parametrize("mode", ["online", "precropped"])
-def test_packed_crops_give_the_folder_samples(tiny_dataset, packs, mode):
-  """Network inputs from the pack vs from the folder (aligned online / precropped, then resized
-  to the training size): labels equal, keypoints to 1e-5 px, pixels within JPEG's error
-  (quality 95: mean < 1 intensity level, 99% within 3, none above 8)."""
-  precropped = mode == "precropped"
+@pytest.mark.parametrize("pack", ["online", "precropped", "online_jpeg"])
+def test_packed_crops_give_the_folder_samples(tiny_dataset, packs, pack):
+  """Network inputs (uint8, before augmentation) from the pack vs from the folder (aligned
+  online / precropped, then resized to the training size): labels equal, keypoints to 1e-5 px,
+  pixels equal with the default raw codec; with jpeg (quality 95, 4:4:4) within its error,
+  measured here at mean 2.0 and max 20 intensity levels (the synthetic set's textured hands at
+  32 px are nearly all edges; 384-px photo-like crops: mean 1.3, max 11)."""
+  precropped = pack == "precropped"
   folder = _reader(tiny_dataset, precropped=precropped)
-  packed = _reader(packs[mode], precropped=precropped, format="array_record")
+  packed = _reader(packs[pack], precropped=precropped, format="array_record")
   assert type(packed.store) is crops.CropStore
   finalize = samples.Finalize(TRAIN_SIZE, uint8=True)
   errors = []
@@ -61,20 +63,28 @@ def test_packed_crops_give_the_folder_samples(tiny_dataset, packs, mode):
       else:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
   errors = np.stack(errors)
-  assert errors.mean() < 1.0 and np.percentile(errors, 99) <= 3 and errors.max() <= 8, (
-      errors.mean(), np.percentile(errors, 99), errors.max())
-  force = _reader(packs[mode], precropped=precropped, format="array_record", task="force")
+  if pack.endswith("jpeg"):
+    assert errors.mean() < 2.5 and errors.max() <= 24, (errors.mean(), errors.max())
+  else:
+    assert errors.max() == 0, (errors.mean(), errors.max())
+  force = _reader(packs[pack], precropped=precropped, format="array_record", task="force")
   assert force.read(4, None)["valid"]
 
 
 def test_pack_settings_are_checked(tiny_dataset, packs):
   with pytest.raises(ValueError, match="packed in online mode, but data.precropped=True"):
     _reader(packs["online"], precropped=True, format="array_record")
-  with pytest.raises(ValueError, match="crops packed at 64 px, smaller than data.out_img_size=96"):
-    pipeline._reader(tiny.pose_data_config(packs["online"], precropped=False, out_img_size=96,  # pylint: disable=protected-access
-                                           format="array_record"), "pose", "all")
-  with pytest.raises(ValueError, match="other settings"):
-    crops.pack(tiny_dataset, packs["online"], 48, log=lambda line: None)
+  for size in (16, 48):  # a second resize (down or up) would change the pixels
+    with pytest.raises(ValueError, match=f"crops packed at 32 px, but data.out_img_size={size}"):
+      pipeline._reader(tiny.pose_data_config(packs["online"], precropped=False,  # pylint: disable=protected-access
+                                             out_img_size=size, format="array_record"),
+                       "pose", "all")
+  with pytest.raises(ValueError, match="other settings \\(image_size: 32 there, 48 asked\\)"):
+    crops.pack(tiny_dataset, packs["online"], 48, chunk_frames=5, log=lambda line: None)
+  with pytest.raises(ValueError, match="codec: 'raw' there, 'jpeg' asked, jpeg_quality: None "
+                     "there, 95 asked"):
+    crops.pack(tiny_dataset, packs["online"], PACK_SIZE, codec="jpeg", chunk_frames=5,
+               log=lambda line: None)
   assert "24 frames" in validation.validate_dataset(
       tiny.pose_data_config(packs["online"], precropped=False, format="array_record"),
       splits=["all"])

@@ -3,7 +3,8 @@ original's data path, timed alternately in one process.
 
 - online: 3840x2160 frame + base JPEGs -> decode, undistort, align, crop (~1200 px) -> 384;
 - precrop: 1200x1200 JPEG pair -> 384;
-- packed: the crops stored at 384 (tools/pack_array_record.py --image_size 384) -> 384.
+- packed: the crops stored at 384 with the packer's default codec (tools/pack_array_record.py
+  --image_size 384: raw uint8 pixels) -> 384.
 dd_jax runs each with host augmentation, and with data.augment_on_device (the host then only
 decodes and resizes; the augmentation's cost moves to the accelerator). The original has no
 packed format: its precrop path is the comparison there. Its online mode is emulated as its
@@ -39,11 +40,9 @@ def _photo(width: int, height: int, rng: np.random.Generator) -> np.ndarray:
   return np.clip(low + mid + rng.normal(0, 4, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
-def _write_jpeg(path: str, rgb: np.ndarray, quality: int = 95, sampling_444: bool = False) -> str:
-  params = [cv2.IMWRITE_JPEG_QUALITY, quality]
-  if sampling_444:  # as the crops packer stores them
-    params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
-  ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+def _write_jpeg(path: str, rgb: np.ndarray, quality: int = 95) -> str:
+  ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                          [cv2.IMWRITE_JPEG_QUALITY, quality])
   assert ok
   with open(path, "wb") as f:
     f.write(data.tobytes())
@@ -86,7 +85,7 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
   the original, plus the bytes a sample sends to the devices."""
   import torch  # pylint: disable=import-outside-toplevel
 
-  from dd_jax.data import align, samples, store  # pylint: disable=import-outside-toplevel
+  from dd_jax.data import align, crops, samples, store  # pylint: disable=import-outside-toplevel
   from dd_jax.data.transforms import resize_square  # pylint: disable=import-outside-toplevel
 
   from reference import deltadorsal as tr  # pylint: disable=import-outside-toplevel
@@ -106,8 +105,13 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
     write = lambda name, image, **kw: _write_jpeg(os.path.join(tmp, name), image, **kw)
     full = [write(f"frame{i}.jpg", _photo(*sizes.frame, rng)) for i in range(2)]
     crops = [write(f"crop{i}.jpg", _photo(sizes.crop, sizes.crop, rng)) for i in range(2)]
-    packed = [write(f"packed{i}.jpg", resize_square(_photo(sizes.crop, sizes.crop, rng), out),
-                    sampling_444=True) for i in range(2)]
+    codec = crops.CODECS[0]  # the packer's default
+    packed = []
+    for i in range(2):
+      packed.append(os.path.join(tmp, f"packed{i}.{codec}"))
+      with open(packed[-1], "wb") as f:
+        f.write(crops.encode_crop(resize_square(_photo(sizes.crop, sizes.crop, rng), out), codec,
+                                  95))
 
     def online_crops(i):
       img, base = (undistort(store.decode_image(_read(p), p, i), s["K"], s["d"])
@@ -119,6 +123,11 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
     def decoded(paths, i):
       return {"img": store.decode_image(_read(paths[i % 2]), "img", i),
               "base_img": store.decode_image(_read(paths[(i + 1) % 2]), "base", i), "valid": True}
+
+    def unpacked(i):
+      return {"img": crops.decode_crop(_read(packed[i % 2]), codec, out, "img", i),
+              "base_img": crops.decode_crop(_read(packed[(i + 1) % 2]), codec, out, "base", i),
+              "valid": True}
 
     def host(make):
       def run():
@@ -146,8 +155,7 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
                    "jax_device_augment": device(online_crops)},
         "precrop": {"torch": original_precrop, "jax": host(lambda i: decoded(crops, i)),
                     "jax_device_augment": device(lambda i: decoded(crops, i))},
-        "packed": {"jax": host(lambda i: decoded(packed, i)),
-                   "jax_device_augment": device(lambda i: decoded(packed, i))},
+        "packed": {"jax": host(unpacked), "jax_device_augment": device(unpacked)},
     }
     crop_size = online_crops(0)["img"].shape[:2]
     for name, fns in cases.items():
@@ -159,6 +167,7 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
         row[f"ratio_{fw}"] = row[fw]["samples_per_s"] / row["torch"]["samples_per_s"]
       results[name] = row
   results["online_crop_hw"] = list(crop_size)
+  results["packed_codec"] = codec
   results["bytes_to_device"] = {"host_augment": 2 * out * out * 3 * 4,
                                 "device_augment": 2 * out * out * 3}
   cv2.setNumThreads(threads[0])
@@ -172,7 +181,7 @@ def table_lines(r: dict[str, Any]) -> list[str]:
   titles = {"online": f"input, online from {w}x{h} JPEGs (crop {r['online_crop_hw'][1]}x"
                       f"{r['online_crop_hw'][0]})",
             "precrop": f"input, {r['crop']}x{r['crop']} precrops",
-            "packed": f"input, crops packed at {r['out']}"}
+            "packed": f"input, crops packed at {r['out']} ({r['packed_codec']})"}
   lines = []
   for name, title in titles.items():
     row = r[name]

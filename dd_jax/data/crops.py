@@ -3,16 +3,18 @@
 `tools/pack_array_record.py --image_size S` reads an EgoDorsal folder the way a run would
 (online mode: undistort the full frame and every base of the participant, align each base,
 crop; precropped mode: the frame's crops), resizes every crop to S x S as the run's last
-resize would, and stores them as JPEG in ArrayRecord shards, with the labels and the prior's
-2D keypoints already in the stored pixels. A run then decodes two small JPEGs per sample.
+resize would, and stores them (codec "raw": the uint8 pixels, exact; "jpeg": smaller, lossy) in
+ArrayRecord shards, with the labels and the prior's 2D keypoints already in the stored pixels. A
+run at data.out_img_size = S then only reads (raw) or decodes (jpeg) two crops per sample: its
+resize is the identity, so the network sees the folder path's pixels (raw: exactly).
 
 Packing is parallel (worker processes, one chunk of frames each) and resumable: a chunk is
 written to temporary files and committed by renaming (its summary first, its shard last), so
 after a kill a rerun packs only the missing chunks and ends with the same files. Bad frames are
 skipped, listed in packed.json and reported by the reader as the folder reader would.
 
-Record (one per good frame): uint32 header length, the JSON header, then the JPEGs it points
-to (frame crop; one base crop per base index that aligned).
+Record (one per good frame): uint32 header length, the JSON header, then the encoded crops it
+points to (frame crop; one base crop per base index that aligned).
 """
 
 from __future__ import annotations
@@ -35,15 +37,29 @@ from dd_jax.data.transforms import resize_square
 
 KIND = "crops"
 SETTINGS = "pack_settings.json"
+CODECS = ("raw", "jpeg")  # raw: S*S*3 uint8 bytes (exact); jpeg: 4:4:4 at jpeg_quality (lossy)
 
 
-def _encode(image: np.ndarray, quality: int) -> bytes:
+def encode_crop(image: np.ndarray, codec: str, quality: int) -> bytes:
+  """A uint8 (S, S, 3) RGB crop -> its stored bytes."""
+  if codec == "raw":
+    return np.ascontiguousarray(image, np.uint8).tobytes()
   ok, data = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                           [cv2.IMWRITE_JPEG_QUALITY, quality,
                            cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
   if not ok:
     raise RuntimeError("JPEG encoding failed")
   return data.tobytes()
+
+
+def decode_crop(data, codec: str, size: int, where: str, frame_id: int | None) -> np.ndarray:
+  """Stored bytes (bytes or memoryview) -> uint8 (size, size, 3) RGB; raw is a read-only view."""
+  if codec == "raw":
+    if len(data) != size * size * 3:
+      raise FrameLoadError(frame_id, where, f"raw crop of {len(data)} bytes, expected "
+                           f"{size} x {size} x 3 = {size * size * 3}")
+    return np.frombuffer(data, np.uint8).reshape(size, size, 3)
+  return decode_image(bytes(data), where, frame_id)
 
 
 def _error(e: Exception, frame: Frame) -> dict:
@@ -63,10 +79,10 @@ _BAD = (FrameLoadError, align.AlignmentError, cv2.error)
 class _ChunkPacker:
   """Frames -> records, in a worker process (decoded, undistorted bases cached per worker)."""
 
-  def __init__(self, source: str, mode: str, size: int, quality: int):
+  def __init__(self, source: str, mode: str, size: int, codec: str, quality: int):
     self.index = egodorsal.load_index(source)
     self.store = FolderStore(self.index)
-    self.mode, self.size, self.quality = mode, size, quality
+    self.mode, self.size, self.codec, self.quality = mode, size, codec, quality
     self._undistort = align.Undistorter()
     self._bases: dict[tuple[int, int], np.ndarray] = {}
 
@@ -127,13 +143,13 @@ class _ChunkPacker:
       header["gt_pose"] = self.store.frame_ground_truth(frame).tolist()
     except FrameLoadError as e:  # force frames need none: raised only when a pose run asks
       header["gt_pose"], header["errors"]["ann"] = None, _error(e, frame)
-    blobs = [_encode(resize_square(crop, self.size), self.quality)]
+    blobs = [encode_crop(resize_square(crop, self.size), self.codec, self.quality)]
     header["frame"] = len(blobs[0])
     for k, base in sorted(bases.items()):
       if isinstance(base, dict):
         header["bases"][str(k)] = base
       else:
-        blobs.append(_encode(resize_square(base, self.size), self.quality))
+        blobs.append(encode_crop(resize_square(base, self.size), self.codec, self.quality))
         header["bases"][str(k)] = len(blobs[-1])
     head = json.dumps(header).encode()
     return struct.pack("<I", len(head)) + head + b"".join(blobs)
@@ -183,7 +199,7 @@ def _commit(record_path: str, summary_path: str) -> None:
 
 
 def pack(source: str, out_dir: str, image_size: int, *, mode: str = "online",
-         jpeg_quality: int = 95, workers: int = 0, chunk_frames: int = 256,
+         codec: str = "raw", jpeg_quality: int = 95, workers: int = 0, chunk_frames: int = 256,
          log: Callable[[str], None] = print) -> dict:
   """Packs the frames of `source` (frames.json and every split file) as crops of
   image_size x image_size; resumes an interrupted pack of the same settings. workers=0 packs
@@ -191,20 +207,25 @@ def pack(source: str, out_dir: str, image_size: int, *, mode: str = "online",
   from dd_jax.data import array_record  # pylint: disable=g-import-not-at-top
   if mode not in ("online", "precropped"):
     raise ValueError(f"mode must be 'online' or 'precropped', got {mode!r}")
+  if codec not in CODECS:
+    raise ValueError(f"codec must be one of {CODECS}, got {codec!r}")
   start = time.perf_counter()
   source, out_dir = os.path.abspath(source), os.path.abspath(out_dir)
   index = egodorsal.load_index(source)
   ordered, names = array_record.collect_frames(source, index)
   settings = {"kind": KIND, "source": source, "mode": mode, "image_size": int(image_size),
-              "jpeg_quality": int(jpeg_quality), "chunk_frames": int(chunk_frames),
-              "frames": len(ordered)}
+              "codec": codec, "jpeg_quality": int(jpeg_quality) if codec == "jpeg" else None,
+              "chunk_frames": int(chunk_frames), "frames": len(ordered)}
   os.makedirs(out_dir, exist_ok=True)
   settings_path = os.path.join(out_dir, SETTINGS)
   if os.path.exists(settings_path):
     with open(settings_path, encoding="utf-8") as f:
       before = json.load(f)
     if before != settings:
-      raise ValueError(f"{out_dir} holds a pack with other settings ({before}); pack into a new "
+      differ = ", ".join(f"{k}: {before.get(k)!r} there, {settings.get(k)!r} asked"
+                         for k in sorted(set(before) | set(settings))
+                         if before.get(k) != settings.get(k))
+      raise ValueError(f"{out_dir} holds a pack with other settings ({differ}); pack into a new "
                        "folder or delete this one")
   else:
     with open(settings_path, "w", encoding="utf-8") as f:
@@ -231,7 +252,7 @@ def pack(source: str, out_dir: str, image_size: int, *, mode: str = "online",
     log(f"chunk {number + 1}/{len(chunks)}: {done_frames}/{total} frames, {bad} bad, "
         f"{rate:.1f} frames/s, ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
 
-  args = (source, mode, int(image_size), int(jpeg_quality))
+  args = (source, mode, int(image_size), codec, int(jpeg_quality))
   if workers <= 0:
     _init_worker(*args)
     for job in todo:
@@ -288,9 +309,14 @@ class CropStore:
     if bool(data_config.precropped) != (meta["mode"] == "precropped"):
       raise ValueError(f"{where}: packed in {meta['mode']} mode, but data.precropped="
                        f"{bool(data_config.precropped)}; pack again with --crops_mode")
-    if int(data_config.out_img_size) > self.image_size:
-      raise ValueError(f"{where}: crops packed at {self.image_size} px, smaller than "
-                       f"data.out_img_size={data_config.out_img_size}; pack at least that size")
+    if int(data_config.out_img_size) != self.image_size:
+      raise ValueError(f"{where}: crops packed at {self.image_size} px, but data.out_img_size="
+                       f"{data_config.out_img_size}; pack again with --image_size "
+                       f"{data_config.out_img_size} (a second resize would change the pixels)")
+    self.codec = meta.get("codec")  # packs made before codecs were recorded have none
+    if self.codec not in CODECS:
+      raise ValueError(f"{where}: codec {self.codec!r} is not one of {CODECS}; pack again with "
+                       "--codec")
     self._record = {fid: i for i, fid in enumerate(meta["frames"])}
     self._errors = meta["errors"]
     self._betas = {(p, k): (b, e) for p, k, b, e in meta["bases"]}
@@ -315,9 +341,9 @@ class CropStore:
       raise FrameLoadError(fid, os.path.join(self.packed_dir, "packed.json"), "not packed")
     if self._source is None:
       self._source = array_record_data_source.ArrayRecordDataSource(self._shards)
-    data = self._source[self._record[fid]]
+    data = memoryview(self._source[self._record[fid]])  # slices below copy nothing
     n = struct.unpack("<I", data[:4])[0]
-    entry = (json.loads(data[4:4 + n]), data[4 + n:])
+    entry = (json.loads(bytes(data[4:4 + n])), data[4 + n:])
     self._cache = (fid, entry)
     return entry
 
@@ -361,8 +387,8 @@ class CropStore:
         break
       if isinstance(length, int):
         offset += length
-    img = decode_image(blobs[:header["frame"]], where, fid)
-    base_img = decode_image(blobs[offset:offset + base], where, fid)
+    img = decode_crop(blobs[:header["frame"]], self.codec, self.image_size, where, fid)
+    base_img = decode_crop(blobs[offset:offset + base], self.codec, self.image_size, where, fid)
     kp = header["prior_kp2d"]
     return img, base_img, None if kp is None else np.asarray(kp, np.float32)
 
