@@ -84,6 +84,7 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
   """{online, precrop, packed}: samples/s per core of dd_jax (host / device augmentation) and
   the original, plus the bytes a sample sends to the devices."""
   import torch  # pylint: disable=import-outside-toplevel
+  from array_record.python import array_record_data_source, array_record_module
 
   from dd_jax.data import align, crops, samples, store  # pylint: disable=import-outside-toplevel
   from dd_jax.data.transforms import resize_square  # pylint: disable=import-outside-toplevel
@@ -104,14 +105,17 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
   with tempfile.TemporaryDirectory(prefix="dd_jax_bench_input_") as tmp:
     write = lambda name, image, **kw: _write_jpeg(os.path.join(tmp, name), image, **kw)
     full = [write(f"frame{i}.jpg", _photo(*sizes.frame, rng)) for i in range(2)]
-    crops = [write(f"crop{i}.jpg", _photo(sizes.crop, sizes.crop, rng)) for i in range(2)]
+    precrops = [write(f"crop{i}.jpg", _photo(sizes.crop, sizes.crop, rng)) for i in range(2)]
+    # Two records in an ArrayRecord shard written as the packer writes them (its codec and
+    # options), read back through ArrayRecord on every sample.
     codec = crops.CODECS[0]  # the packer's default
-    packed = []
+    shard = os.path.join(tmp, "crops.array_record")
+    writer = array_record_module.ArrayRecordWriter(shard, crops.WRITER_OPTIONS)
     for i in range(2):
-      packed.append(os.path.join(tmp, f"packed{i}.{codec}"))
-      with open(packed[-1], "wb") as f:
-        f.write(crops.encode_crop(resize_square(_photo(sizes.crop, sizes.crop, rng), out), codec,
-                                  95))
+      writer.write(crops.encode_crop(resize_square(_photo(sizes.crop, sizes.crop, rng), out),
+                                     codec, 95))
+    writer.close()
+    packed = array_record_data_source.ArrayRecordDataSource([shard])
 
     def online_crops(i):
       img, base = (undistort(store.decode_image(_read(p), p, i), s["K"], s["d"])
@@ -125,8 +129,8 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
               "base_img": store.decode_image(_read(paths[(i + 1) % 2]), "base", i), "valid": True}
 
     def unpacked(i):
-      return {"img": crops.decode_crop(_read(packed[i % 2]), codec, out, "img", i),
-              "base_img": crops.decode_crop(_read(packed[(i + 1) % 2]), codec, out, "base", i),
+      return {"img": crops.decode_crop(packed[i % 2], codec, out, "img", i),
+              "base_img": crops.decode_crop(packed[(i + 1) % 2], codec, out, "base", i),
               "valid": True}
 
     def host(make):
@@ -148,13 +152,13 @@ def run_row(sizes: InputSizes, repeats: int, compare, median) -> dict[str, Any]:
 
     def original_precrop():
       for i in range(n):
-        tr.original_sample(_read(crops[i % 2]), _read(crops[(i + 1) % 2]), transform)
+        tr.original_sample(_read(precrops[i % 2]), _read(precrops[(i + 1) % 2]), transform)
 
     cases = {
         "online": {"torch": original_online, "jax": host(online_crops),
                    "jax_device_augment": device(online_crops)},
-        "precrop": {"torch": original_precrop, "jax": host(lambda i: decoded(crops, i)),
-                    "jax_device_augment": device(lambda i: decoded(crops, i))},
+        "precrop": {"torch": original_precrop, "jax": host(lambda i: decoded(precrops, i)),
+                    "jax_device_augment": device(lambda i: decoded(precrops, i))},
         "packed": {"jax": host(unpacked), "jax_device_augment": device(unpacked)},
     }
     crop_size = online_crops(0)["img"].shape[:2]

@@ -38,6 +38,7 @@ from dd_jax.data.transforms import resize_square
 KIND = "crops"
 SETTINGS = "pack_settings.json"
 CODECS = ("raw", "jpeg")  # raw: S*S*3 uint8 bytes (exact); jpeg: 4:4:4 at jpeg_quality (lossy)
+WRITER_OPTIONS = "group_size:1"  # one record per chunk (random access), ArrayRecord's zstd
 
 
 def encode_crop(image: np.ndarray, codec: str, quality: int) -> bytes:
@@ -157,7 +158,7 @@ class _ChunkPacker:
   def pack_chunk(self, frames: list[Frame], record_path: str, summary_path: str) -> dict:
     """Writes the chunk's shard and summary to their temporary names; returns the summary."""
     packed, errors = [], {}
-    writer = array_record_module.ArrayRecordWriter(record_path + ".tmp", "group_size:1")
+    writer = array_record_module.ArrayRecordWriter(record_path + ".tmp", WRITER_OPTIONS)
     try:
       for frame in frames:
         try:
