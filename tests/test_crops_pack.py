@@ -2,6 +2,7 @@
 the folder's online / precropped path (raw: exactly; jpeg: within its error), bad frames skipped
 and listed, a killed pack resumed to the same files."""
 
+import json
 import os
 import shutil
 import signal
@@ -71,7 +72,7 @@ def test_packed_crops_give_the_folder_samples(tiny_dataset, packs, pack):
   assert force.read(4, None)["valid"]
 
 
-def test_pack_settings_are_checked(tiny_dataset, packs):
+def test_pack_settings_are_checked(tiny_dataset, packs, tmp_path):
   with pytest.raises(ValueError, match="packed in online mode, but data.precropped=True"):
     _reader(packs["online"], precropped=True, format="array_record")
   for size in (16, 48):  # a second resize (down or up) would change the pixels
@@ -85,6 +86,13 @@ def test_pack_settings_are_checked(tiny_dataset, packs):
                      "there, 95 asked"):
     crops.pack(tiny_dataset, packs["online"], PACK_SIZE, codec="jpeg", chunk_frames=5,
                log=lambda line: None)
+  old = str(tmp_path / "old")  # packed before the codec was recorded
+  shutil.copytree(packs["online"], old)
+  meta = json.load(open(os.path.join(old, "packed.json")))
+  del meta["codec"]
+  json.dump(meta, open(os.path.join(old, "packed.json"), "w"))
+  with pytest.raises(ValueError, match="codec None .* not one of"):
+    _reader(old, precropped=False, format="array_record")
   assert "24 frames" in validation.validate_dataset(
       tiny.pose_data_config(packs["online"], precropped=False, format="array_record"),
       splits=["all"])

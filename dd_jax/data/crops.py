@@ -316,8 +316,8 @@ class CropStore:
                        f"{data_config.out_img_size} (a second resize would change the pixels)")
     self.codec = meta.get("codec")  # packs made before codecs were recorded have none
     if self.codec not in CODECS:
-      raise ValueError(f"{where}: codec {self.codec!r} is not one of {CODECS}; pack again with "
-                       "--codec")
+      raise ValueError(f"{where}: codec {self.codec!r} (none: packed by an older dd_jax) is not "
+                       f"one of {CODECS}; pack again")
     self._record = {fid: i for i, fid in enumerate(meta["frames"])}
     self._errors = meta["errors"]
     self._betas = {(p, k): (b, e) for p, k, b, e in meta["bases"]}
