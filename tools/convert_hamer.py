@@ -24,7 +24,7 @@ from dd_jax.models import hamer_weights
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("checkpoint", help="HaMeR's Lightning .ckpt")
-  parser.add_argument("out_dir", help="folder to write (hamer.json + Orbax params/)")
+  parser.add_argument("out_dir", help="folder to write (hamer.json + params/*.npy)")
   parser.add_argument("--mean_params", default=None,
                       help="mano_mean_params.npz: fills mean parameters a checkpoint lacks")
   parser.add_argument("--variant", default="hamer_vith", help=f"{sorted(hamer_model.VARIANTS)} "

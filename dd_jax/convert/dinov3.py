@@ -1,7 +1,10 @@
 """DINOv3 weights -> dd_jax: Meta .pth and Hugging Face safetensors read without PyTorch.
 
-`convert` returns (DinoV3Config, params) in the layout of nnx.state(DinoV3(config)); the tool
-tools/convert_dinov3.py writes them in the converted format of dd_jax.models.dinov3_weights.
+`convert_to_folder` streams a file into the converted format of dd_jax.models.dinov3_weights:
+the source is read lazily (torch_file's lazy=True) and each converted array is written before the
+next is read, so host memory holds a few arrays, never the whole float32 tree (the bound:
+docs/weights.md). `convert` returns (DinoV3Config, params) in the layout of
+nnx.state(DinoV3(config)) through the same code, collecting the arrays in memory.
 Key layouts read: SPEC.md §6 (Meta flat state_dict; HF DINOv3ViTModel, `model.layer.i`/`layer.i`).
 """
 
@@ -14,8 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dd_jax import params as params_lib
 from dd_jax.convert import torch_file
 from dd_jax.models import dinov3 as dinov3_model
+from dd_jax.models import dinov3_weights
 from dd_jax.models.dinov3 import DinoV3Config
 
 # Training-only Meta keys, dropped on purpose: mask_token replaces masked patches in iBOT
@@ -31,10 +36,17 @@ class ConversionError(ValueError):
 @dataclasses.dataclass
 class ConversionResult:
   config: DinoV3Config
-  params: dict  # nested, np.float32, layout of nnx.to_pure_dict(nnx.state(DinoV3(config)))
+  # nested, np.float32, layout of nnx.to_pure_dict(nnx.state(DinoV3(config))); None when the
+  # arrays were streamed into a folder (convert_to_folder)
+  params: dict | None
   variant: str  # a VARIANTS name or "custom"
   layout: str  # "meta" or "hf"
   notes: list[str]
+  num_params: int
+
+
+# Where converted arrays go, one at a time: sink(path in the params tree, float32 array).
+Sink = Callable[[tuple, np.ndarray], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,39 +163,30 @@ def _hf_qkv_bias(k_key: str):
   return combine
 
 
-def _apply_table(state_dict: dict[str, Any], table: list[_Entry], ignorable: tuple[str, ...],
-                 config: DinoV3Config, source: str, notes: list[str]) -> dict:
-  """Builds the params tree; raises ConversionError listing every missing, unexpected,
-  mis-shaped or invalid key."""
+def _problems_error(source: str, config: DinoV3Config, problems: list[str]) -> ConversionError:
+  return ConversionError(
+      f"{source}: does not fit DINOv3 {dinov3_model.variant_name(config)} ({config}):\n  "
+      + "\n  ".join(problems))
+
+
+def _check_table(state_dict: dict[str, Any], table: list[_Entry], ignorable: tuple[str, ...],
+                 config: DinoV3Config, source: str) -> None:
+  """Raises ConversionError listing every missing, unexpected or mis-shaped key; reads only the
+  shapes (no tensor data: a lazy state_dict stays unread)."""
   missing, mismatched, invalid = [], [], []
   used = set()
-  flat = {}
   for entry in table:
-    arrays, ok = [], True
     for key, shape, required in entry.sources:
       if key not in state_dict:
-        arrays.append(None)
         if required:
           missing.append(key)
-          ok = False
         continue
       used.add(key)
       value = state_dict[key]
-      if not isinstance(value, np.ndarray):
+      if not isinstance(value, (np.ndarray, torch_file.LazyTensor)):
         invalid.append(f"{key}: a {type(value).__name__}, not an array")
-        ok = False
       elif tuple(value.shape) != tuple(shape):
         mismatched.append(f"{key}: {tuple(value.shape)}, expected {tuple(shape)}")
-        ok = False
-      else:
-        arrays.append(np.asarray(value, dtype=np.float32))
-    if not ok:
-      continue
-    try:
-      flat[entry.target] = np.ascontiguousarray(entry.combine(*arrays), dtype=np.float32)
-    except _EntryProblem as e:
-      invalid.append(str(e))
-  ignored = [k for k in ignorable if k in state_dict]
   unexpected = [k for k in state_dict if k not in used and k not in ignorable]
   problems = []
   if missing:
@@ -195,11 +198,42 @@ def _apply_table(state_dict: dict[str, Any], table: list[_Entry], ignorable: tup
   if invalid:
     problems.append("invalid values: " + "; ".join(invalid))
   if problems:
-    raise ConversionError(
-        f"{source}: does not fit DINOv3 {dinov3_model.variant_name(config)} ({config}):\n  "
-        + "\n  ".join(problems))
+    raise _problems_error(source, config, problems)
+
+
+def _apply_table(state_dict: dict[str, Any], table: list[_Entry], ignorable: tuple[str, ...],
+                 config: DinoV3Config, source: str, notes: list[str], sink: Sink) -> None:
+  """Checks every key first (_check_table: nothing reaches `sink` if one is missing, unexpected
+  or mis-shaped), then converts entry by entry into `sink`, reading each entry's sources only
+  then (LazyTensor) and dropping them before the next. Invalid values (bias_mask, a non-zero k
+  bias) are collected over all entries and raised together at the end."""
+  _check_table(state_dict, table, ignorable, config, source)
+  invalid = []
+  for entry in table:
+    arrays = [None if key not in state_dict
+              else np.asarray(torch_file.materialize(state_dict[key]), dtype=np.float32)
+              for key, _, _ in entry.sources]
+    try:
+      array = np.ascontiguousarray(entry.combine(*arrays), dtype=np.float32)
+    except _EntryProblem as e:
+      invalid.append(str(e))
+      continue
+    del arrays  # the sources go before the sink writes
+    sink(entry.target, array)
+    del array
+  if invalid:
+    raise _problems_error(source, config, ["invalid values: " + "; ".join(invalid)])
+  ignored = [k for k in ignorable if k in state_dict]
   if ignored:
     notes.append("ignored training-only keys: " + ", ".join(ignored))
+
+
+def _collect(flat: dict) -> Sink:
+  """A sink keeping every array in `flat` ({path: array}): the in-memory conversion."""
+  return flat.__setitem__
+
+
+def _nest(flat: dict) -> dict:
   params: dict = {}
   for path, value in flat.items():
     node = params
@@ -308,9 +342,9 @@ def _strip_prefix(state_dict: dict, prefix: str) -> dict:
 
 
 def _check_variant(config: DinoV3Config, variant: str | None, source: str,
-                   try_convert: Callable[[DinoV3Config], Any]) -> DinoV3Config:
+                   check: Callable[[DinoV3Config], Any]) -> DinoV3Config:
   """With `variant`, insist the detected architecture is that variant; list every difference
-  (fields, then every key whose shape does not fit `variant`)."""
+  (fields, then every key whose shape does not fit `variant`: `check`, shapes only)."""
   if variant is None:
     return config
   try:
@@ -322,7 +356,7 @@ def _check_variant(config: DinoV3Config, variant: str | None, source: str,
            if getattr(config, f.name) != getattr(wanted, f.name)]
   if diffs:
     try:
-      try_convert(wanted)
+      check(wanted)
       details = ""
     except ConversionError as e:
       details = "\n" + str(e)
@@ -330,6 +364,19 @@ def _check_variant(config: DinoV3Config, variant: str | None, source: str,
                           f"{dinov3_model.variant_name(config)}):\n  " + "\n  ".join(diffs)
                           + details)
   return wanted
+
+
+def _meta_notes(sd: dict, config: DinoV3Config, notes: list[str]) -> None:
+  if "rope_embed.periods" not in sd:
+    notes.append("no rope_embed.periods: using float32 periods computed from rope_base")
+  if config.qkv_bias and not any(k.endswith("attn.qkv.bias_mask") for k in sd):
+    notes.append("no attn.qkv.bias_mask keys: k third of the qkv bias zeroed (the model masks it)")
+  elif config.qkv_bias:
+    notes.append("attn.qkv.bias_mask checked (zeros on the k third) and applied to the bias")
+
+
+_HF_NOTE = ("HF weights carry no RoPE periods: using float32 periods computed from rope_theta "
+            "(what transformers does)")
 
 
 def meta_state_dict_to_params(state_dict: dict[str, Any], config: DinoV3Config | None = None, *,
@@ -344,14 +391,11 @@ def meta_state_dict_to_params(state_dict: dict[str, Any], config: DinoV3Config |
   if config is None:
     config = _meta_config(sd, None, source)
   notes = [] if notes is None else notes
-  params = _apply_table(sd, _table(config, "meta"), META_TRAINING_ONLY, config, source, notes)
-  if "rope_embed.periods" not in sd:
-    notes.append("no rope_embed.periods: using float32 periods computed from rope_base")
-  if config.qkv_bias and not any(k.endswith("attn.qkv.bias_mask") for k in sd):
-    notes.append("no attn.qkv.bias_mask keys: k third of the qkv bias zeroed (the model masks it)")
-  elif config.qkv_bias:
-    notes.append("attn.qkv.bias_mask checked (zeros on the k third) and applied to the bias")
-  return config, params
+  flat: dict = {}
+  _apply_table(sd, _table(config, "meta"), META_TRAINING_ONLY, config, source, notes,
+               _collect(flat))
+  _meta_notes(sd, config, notes)
+  return config, _nest(flat)
 
 
 def hf_state_dict_to_params(state_dict: dict[str, Any], config: DinoV3Config | None = None, *,
@@ -363,18 +407,19 @@ def hf_state_dict_to_params(state_dict: dict[str, Any], config: DinoV3Config | N
   if config is None:
     config = _hf_config(sd, hf_json, num_heads, source)
   notes = [] if notes is None else notes
-  params = _apply_table(sd, _table(config, "hf", _hf_layer_prefix(sd)), HF_TRAINING_ONLY, config,
-                        source, notes)
-  notes.append("HF weights carry no RoPE periods: using float32 periods computed from rope_theta "
-               "(what transformers does)")
-  return config, params
+  flat: dict = {}
+  _apply_table(sd, _table(config, "hf", _hf_layer_prefix(sd)), HF_TRAINING_ONLY, config, source,
+               notes, _collect(flat))
+  notes.append(_HF_NOTE)
+  return config, _nest(flat)
 
 
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str, dict | None]:
+def read_state_dict(path: str | os.PathLike, *, lazy: bool = False
+                    ) -> tuple[dict[str, Any], str, dict | None]:
   """(flat state_dict, layout 'meta'|'hf', HF config.json or None) of a Meta .pth, a
-  .safetensors file or an HF model folder."""
+  .safetensors file or an HF model folder; lazy=True: LazyTensors (torch_file.read_weights)."""
   path = os.fspath(path)
-  state_dict, hf_json = torch_file.read_weights(path)
+  state_dict, hf_json = torch_file.read_weights(path, lazy=lazy)
   if any(k.endswith("patch_embed.proj.weight") for k in state_dict):
     layout = "meta"
   elif any(k.endswith("embeddings.patch_embeddings.weight") for k in state_dict):
@@ -389,11 +434,10 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, Any], str, dict 
   return state_dict, layout, hf_json
 
 
-def convert_with_report(path: str | os.PathLike, variant: str | None = None, *,
-                        num_heads: int | None = None) -> ConversionResult:
-  """Reads and converts `path`; the architecture comes from the shapes (`variant` insists)."""
-  path = os.fspath(path)
-  state_dict, layout, hf_json = read_state_dict(path)
+def _convert(path: str, variant: str | None, num_heads: int | None, sink: Sink
+             ) -> ConversionResult:
+  """Reads `path` lazily, checks every key, then converts entry by entry into `sink`."""
+  state_dict, layout, hf_json = read_state_dict(path, lazy=True)
   marker = "patch_embed.proj.weight" if layout == "meta" else "embeddings.patch_embeddings.weight"
   prefix = next(k for k in state_dict if k.endswith(marker))[:-len(marker)]
   unprefixed = [k for k in state_dict if not k.startswith(prefix)]
@@ -401,6 +445,7 @@ def convert_with_report(path: str | os.PathLike, variant: str | None = None, *,
     raise ConversionError(f"{path}: keys outside the model prefix {prefix!r}: "
                           + ", ".join(unprefixed))
   sd = _strip_prefix(state_dict, prefix)
+  del state_dict
   notes = [f"keys prefixed {prefix!r}"] if prefix else []
   if variant is not None and num_heads is None:
     try:  # only used where the shapes cannot tell
@@ -408,13 +453,49 @@ def convert_with_report(path: str | os.PathLike, variant: str | None = None, *,
     except ValueError as e:
       raise ConversionError(str(e)) from None
   if layout == "meta":
-    to_params = lambda c: meta_state_dict_to_params(sd, c, source=path, notes=notes)
-    detected = _meta_config(sd, num_heads, path)
+    table = lambda c: _table(c, "meta")
+    ignorable, detected = META_TRAINING_ONLY, _meta_config(sd, num_heads, path)
   else:
-    to_params = lambda c: hf_state_dict_to_params(sd, c, source=path, notes=notes)
-    detected = _hf_config(sd, hf_json, num_heads, path)
-  config, params = to_params(_check_variant(detected, variant, path, to_params))
-  return ConversionResult(config, params, dinov3_model.variant_name(config), layout, notes)
+    table = lambda c: _table(c, "hf", _hf_layer_prefix(sd))
+    ignorable, detected = HF_TRAINING_ONLY, _hf_config(sd, hf_json, num_heads, path)
+  config = _check_variant(detected, variant, path,
+                          lambda c: _check_table(sd, table(c), ignorable, c, path))
+  count = [0]
+
+  def counting_sink(target, array):
+    count[0] += array.size
+    sink(target, array)
+
+  _apply_table(sd, table(config), ignorable, config, path, notes, counting_sink)
+  if layout == "meta":
+    _meta_notes(sd, config, notes)
+  else:
+    notes.append(_HF_NOTE)
+  return ConversionResult(config, None, dinov3_model.variant_name(config), layout, notes,
+                          count[0])
+
+
+def convert_with_report(path: str | os.PathLike, variant: str | None = None, *,
+                        num_heads: int | None = None) -> ConversionResult:
+  """Reads and converts `path` in memory; the architecture comes from the shapes (`variant`
+  insists)."""
+  flat: dict = {}
+  result = _convert(os.fspath(path), variant, num_heads, _collect(flat))
+  result.params = _nest(flat)
+  return result
+
+
+def convert_to_folder(path: str | os.PathLike, out_dir: str | os.PathLike,
+                      variant: str | None = None, *, num_heads: int | None = None
+                      ) -> ConversionResult:
+  """Streams `path` into the converted folder `out_dir` (dd_jax.models.dinov3_weights), one
+  array at a time (result.params None). Key problems are raised before anything is written; a
+  failed conversion leaves no folder behind and an earlier `out_dir` as it was."""
+  path = os.fspath(path)
+  with params_lib.ConvertedWriter(out_dir, dinov3_weights.CONFIG_FILE) as writer:
+    result = _convert(path, variant, num_heads, writer.write)
+    writer.commit(dinov3_weights.converted_meta(result.config, path, result.notes))
+  return result
 
 
 def convert(path: str | os.PathLike, variant: str | None = None, *,

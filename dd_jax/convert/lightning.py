@@ -3,12 +3,12 @@
 The .ckpt is read with the torch-free reader in stub mode: its optimizer, scheduler and
 hyper-parameter objects load as inert placeholders (never executed) and are skipped.
 
-Converted format (a folder):
-  deltadorsal.json  {"format": "dd_jax.deltadorsal", "format_version": 1, "task": "pose"|"force",
+Converted format (dd_jax.params' converted folders, as dd_jax.models.dinov3_weights'):
+  deltadorsal.json  {"format": "dd_jax.deltadorsal", "format_version": 2, "task": "pose"|"force",
                     "model": config.model as a dict, "backbone_config": {DinoV3Config fields},
-                    "source": str, "notes": [str]}
-  params/           an Orbax PyTree checkpoint of the network's variables (float32), the layout
-                    of nnx.to_pure_dict(nnx.state(PoseNet|ForceNet)), keys as strings:
+                    "source": str, "notes": [str], "num_params": int, "arrays": {path: shape}}
+  params/           <dotted path>.npy, one float32 array per variable of the network, the
+                    layout of nnx.to_pure_dict(nnx.state(PoseNet|ForceNet)):
                     backbone.* (dd_jax.convert.dinov3's layout), change.conv{1,2}.{kernel,bias},
                     head.{film, neck, mlp1, mlp2, mlp3} (pose) or head.{neck, trunk1, trunk2, out}
                     (force), each {kernel (in, out) / (kh, kw, in, out), bias}.
@@ -17,7 +17,6 @@ Converted format (a folder):
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -31,9 +30,9 @@ from dd_jax.convert import torch_file
 from dd_jax.models import deltadorsal, dinov3
 
 FORMAT = "dd_jax.deltadorsal"
-FORMAT_VERSION = 1
+FORMAT_VERSION = params_lib.CONVERTED_VERSION
 META_FILE = "deltadorsal.json"
-PARAMS_DIR = "params"
+TOOL = "tools/convert_deltadorsal.py"
 
 BACKBONE_PREFIX = "backbone.backbone.model."
 CHANGE_LAYERS = {"backbone.change.conv.0": ("change", "conv1"),
@@ -315,41 +314,26 @@ def convert_lightning(path: str | os.PathLike, config) -> tuple[dict, list[str]]
 
 def save_deltadorsal_checkpoint(out_dir: str | os.PathLike, params: dict, config, *,
                                 source: str = "", notes: list[str] | None = None) -> None:
-  """Writes out_dir/deltadorsal.json and out_dir/params (Orbax); replaces an earlier one."""
-  out_dir = os.path.abspath(os.fspath(out_dir))
-  os.makedirs(out_dir, exist_ok=True)
-  params_lib.save_tree(os.path.join(out_dir, PARAMS_DIR), params)
-  meta = dict(format=FORMAT, format_version=FORMAT_VERSION, task=config.task,
-              model=config.model.to_dict(),
+  """Writes a converted folder (dd_jax.params: out_dir/deltadorsal.json + params/*.npy);
+  replaces an earlier one."""
+  meta = dict(format=FORMAT, task=config.task, model=config.model.to_dict(),
               backbone_config=dataclasses.asdict(deltadorsal.backbone_config_from(config)),
               source=str(source), notes=list(notes or []))
-  with open(os.path.join(out_dir, META_FILE), "w", encoding="utf-8") as f:
-    json.dump(meta, f, indent=2, default=list)
+  params_lib.write_converted(out_dir, META_FILE, meta, params)
 
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict:
-  path = os.path.abspath(os.fspath(path))
-  meta_path = os.path.join(path, META_FILE)
-  if not os.path.isfile(meta_path):
-    raise FileNotFoundError(f"{path}: no {META_FILE}; convert a Lightning .ckpt with "
-                            f"tools/convert_deltadorsal.py first")
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
-  if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-    raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{meta.get('format_version')}, "
-                     f"expected {FORMAT!r} v{FORMAT_VERSION}")
-  return meta
+  return params_lib.read_converted_meta(path, META_FILE, FORMAT, TOOL)
 
 
 def load_deltadorsal_checkpoint(path: str | os.PathLike) -> dict:
   """A converted folder -> nested params (np.float32; backbone block keys int)."""
-  read_checkpoint_meta(path)
-  return params_lib.load_tree(os.path.join(os.path.abspath(os.fspath(path)), PARAMS_DIR))
+  return params_lib.load_converted_tree(path, read_checkpoint_meta(path))
 
 
 def apply_deltadorsal_checkpoint(model: deltadorsal.PoseNet | deltadorsal.ForceNet,
                                  path: str | os.PathLike) -> None:
-  """Loads a converted folder into a built PoseNet / ForceNet (nnx.update, shardings kept)."""
-  params = load_deltadorsal_checkpoint(path)
-  params_lib.assign_params(model, params, source=os.fspath(path),
-                           allow_missing=("head.attn_pool",))
+  """Loads a converted folder into a built PoseNet / ForceNet (shardings kept, each array read
+  straight into them)."""
+  params_lib.load_converted_into(model, path, read_checkpoint_meta(path),
+                                 allow_missing=("head.attn_pool",))

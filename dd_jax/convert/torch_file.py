@@ -25,6 +25,39 @@ class TorchFileError(ValueError):
   """A checkpoint file is malformed, truncated or uses a feature these readers do not support."""
 
 
+class LazyTensor:
+  """A tensor of a file whose bytes are read only by `read()` (the readers' lazy=True): its
+  shape and dtype come from the header / pickle, checked against the file like an eager read."""
+  __slots__ = ("shape", "dtype", "_read")
+
+  def __init__(self, shape: tuple, dtype: np.dtype, read):
+    self.shape, self.dtype, self._read = tuple(shape), np.dtype(dtype), read
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * self.dtype.itemsize
+
+  def read(self) -> np.ndarray:
+    """A fresh array owning its memory (no memory map of the file is kept)."""
+    return np.array(self._read(), copy=True)
+
+  def __repr__(self):
+    return f"<lazy tensor {self.shape} x {self.dtype}>"
+
+
+class _LazyBuffer:
+  """A storage's flat bytes in the file, mapped (or decompressed) only by `array()`."""
+  __slots__ = ("dtype", "size", "array")
+
+  def __init__(self, dtype: np.dtype, size: int, array):
+    self.dtype, self.size, self.array = dtype, size, array
+
+
+def materialize(value: Any) -> Any:
+  """A LazyTensor's array; anything else as it is."""
+  return value.read() if isinstance(value, LazyTensor) else value
+
+
 # torch.<X>Storage -> numpy dtype (the storage classes torch.save names in its pickles).
 _STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -90,10 +123,15 @@ def _rebuild_tensor(load: safe_pickle.Load, storage: Any, storage_offset: Any, s
   if last >= buffer.size:
     raise Refusal(f"tensor (size={size}, stride={stride}, offset={offset}) reaches element "
                   f"{last} of storage {storage.key!r}, which holds {buffer.size}")
-  flat = buffer[offset:last + 1]
   item = buffer.dtype.itemsize
-  return np.lib.stride_tricks.as_strided(flat, size, tuple(s * item for s in stride),
-                                         writeable=False)
+
+  def view(flat):
+    return np.lib.stride_tricks.as_strided(flat[offset:last + 1], size,
+                                           tuple(s * item for s in stride), writeable=False)
+
+  if isinstance(buffer, _LazyBuffer):
+    return LazyTensor(size, buffer.dtype, lambda: view(buffer.array()))
+  return view(buffer)
 
 
 def _rebuild_parameter(load, data, requires_grad=None, backward_hooks=None, state=None):
@@ -202,9 +240,10 @@ def _check_compression(info: zipfile.ZipInfo) -> None:
 
 
 def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype, numel: int,
-                 load: safe_pickle.Load) -> np.ndarray:
+                 load: safe_pickle.Load, lazy: bool) -> np.ndarray | _LazyBuffer:
   """The storage `name` as a flat read-only array: a memory map when the entry is stored; else
-  exactly the bytes the pickle declares are decompressed (never the whole entry)."""
+  exactly the bytes the pickle declares are decompressed (never the whole entry). `lazy`: every
+  check now, the mapping / decompression later (a _LazyBuffer)."""
   try:
     info = archive.getinfo(name)
   except KeyError:
@@ -226,17 +265,34 @@ def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype
     offset = info.header_offset + 30 + name_len + extra_len
     if offset + nbytes > os.path.getsize(path):
       raise Refusal(f"storage {name!r} runs past the end of the file (truncated?)")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(numel,))
-  load.charge(nbytes, f"compressed storage {name!r}")  # decompressed into memory
-  with archive.open(name) as f:
-    data = f.read(nbytes)
-  if len(data) != nbytes:
-    raise Refusal(f"storage {name!r} decompresses to {len(data)} bytes, the pickle needs {nbytes}")
-  return np.frombuffer(data, dtype=dtype, count=numel)
+    make = lambda: np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(numel,))
+  else:
+    load.charge(nbytes, f"compressed storage {name!r}")  # decompressed into memory
+
+    def inflate(zf: zipfile.ZipFile) -> np.ndarray:
+      with zf.open(name) as f:
+        data = f.read(nbytes)
+      if len(data) != nbytes:
+        raise Refusal(f"storage {name!r} decompresses to {len(data)} bytes, the pickle needs "
+                      f"{nbytes}")
+      return np.frombuffer(data, dtype=dtype, count=numel)
+
+    if not lazy:
+      return inflate(archive)
+
+    def make():
+      try:
+        with zipfile.ZipFile(path) as again:
+          return inflate(again)
+      except Refusal as e:
+        raise TorchFileError(f"{path}: refused: {e}") from None
+
+  return _LazyBuffer(dtype, numel, make) if lazy else make()
 
 
 def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
-                    stub_names: list[str] | None = None, max_bytes: int | None = None) -> Any:
+                    stub_names: list[str] | None = None, max_bytes: int | None = None,
+                    lazy: bool = False) -> Any:
   """Reads a zip-format torch.save file (.pth, Lightning .ckpt) without torch.
 
   Tensors become numpy arrays (bf16 as ml_dtypes.bfloat16; read-only, memory-mapped from the file
@@ -245,7 +301,7 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
   "stub" substitutes inert StubObject subclasses, records their names in `stub_names` (if given)
   and logs them. Nothing from the file is ever executed. Every array's declared size is checked
   against `max_bytes` (safe_pickle.Load) before it is read. Other problems raise TorchFileError
-  naming the file.
+  naming the file. lazy=True: tensors are LazyTensors (every check made; bytes read by `read()`).
   """
   path = os.fspath(path)
   if unknown_globals not in ("refuse", "stub"):
@@ -302,10 +358,14 @@ def read_torch_file(path: str | os.PathLike, *, unknown_globals: str = "refuse",
         raise Refusal(f"storage {key!r} has negative size {numel}")
       if key not in storages:
         dtype = storage_type.dtype.newbyteorder("<" if byteorder == "little" else ">")
-        array = _entry_array(path, archive, f"{prefix}data/{key}", dtype, numel, load)
+        array = _entry_array(path, archive, f"{prefix}data/{key}", dtype, numel, load, lazy)
         if byteorder == "big":
-          load.charge(array.nbytes, f"big-endian storage {key!r}")
-          array = array.astype(storage_type.dtype)
+          load.charge(numel * dtype.itemsize, f"big-endian storage {key!r}")
+          if lazy:
+            array = _LazyBuffer(storage_type.dtype, numel,
+                                lambda a=array.array, t=storage_type.dtype: a().astype(t))
+          else:
+            array = array.astype(storage_type.dtype)
         storages[key] = _Storage(key, array)
       elif (storages[key].array.dtype.newbyteorder("=") != storage_type.dtype
             or storages[key].array.size != numel):
@@ -348,12 +408,12 @@ _SAFETENSORS_DTYPES = {
 _MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own limit
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | os.PathLike, *, lazy: bool = False) -> dict[str, Any]:
   """Reads a .safetensors file (u64-LE header length, JSON header, raw LE bytes) as arrays.
 
-  Arrays are read-only memory maps of the file; every entry's extent is checked against the file,
-  and entries may not overlap (as the safetensors library requires), so the arrays together never
-  declare more bytes than the file holds.
+  Arrays are read-only memory maps of the file (lazy=True: LazyTensors, read by `read()`); every
+  entry's extent is checked against the file, and entries may not overlap (as the safetensors
+  library requires), so the arrays together never declare more bytes than the file holds.
   """
   path = os.fspath(path)
   file_size = os.path.getsize(path)
@@ -399,9 +459,10 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     extents.append((begin, end, name))
     if numel == 0:
       arrays[name] = np.zeros(shape, dtype)
-    else:
-      arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + begin,
-                               shape=shape)
+      continue
+    make = (lambda d=dtype, o=data_start + begin, s=shape:
+            np.memmap(path, dtype=d, mode="r", offset=o, shape=s))
+    arrays[name] = LazyTensor(shape, dtype, make) if lazy else make()
   extents.sort()
   for (_, end, first), (begin, _, second) in zip(extents, extents[1:]):
     if begin < end:
@@ -432,9 +493,11 @@ def _index_shards(index: str) -> list[str]:
 # --- any of them ---------------------------------------------------------------------------------
 
 
-def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict | None]:
+def read_weights(path: str | os.PathLike, *, lazy: bool = False
+                 ) -> tuple[dict[str, Any], dict | None]:
   """(flat dict of arrays, config.json beside the weights or None) of a torch.save file holding a
-  state_dict, a .safetensors file, or a folder of safetensors (sharded with an index, or not)."""
+  state_dict, a .safetensors file, or a folder of safetensors (sharded with an index, or not).
+  lazy=True: the arrays are LazyTensors, whose bytes are read one by one by `read()`."""
   path = os.fspath(path)
   if os.path.isdir(path):
     index = os.path.join(path, "model.safetensors.index.json")
@@ -446,7 +509,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict | None]:
       raise TorchFileError(f"{path}: folder holds no .safetensors files")
     state_dict = {}
     for name in files:
-      shard = read_safetensors(os.path.join(path, name))
+      shard = read_safetensors(os.path.join(path, name), lazy=lazy)
       repeated = sorted(set(shard) & set(state_dict))
       if repeated:
         raise TorchFileError(f"{os.path.join(path, name)}: tensors also in an earlier shard: "
@@ -459,11 +522,11 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, Any], dict | None]:
     with open(path, "rb") as f:
       magic = f.read(2)
     if magic == b"PK" or not path.endswith(".safetensors"):
-      state_dict = read_torch_file(path)
+      state_dict = read_torch_file(path, lazy=lazy)
       if not isinstance(state_dict, dict):
         raise TorchFileError(f"{path}: holds a {type(state_dict).__name__}, not a state_dict")
     else:
-      state_dict = read_safetensors(path)
+      state_dict = read_safetensors(path, lazy=lazy)
     config_path = os.path.join(os.path.dirname(path), "config.json")
   config = None
   if os.path.isfile(config_path):
