@@ -509,3 +509,74 @@ def test_gradients_match_transformers(cases, name):
     assert np.abs(got[key] - ref).max() < 2e-5 * scale, (key, np.abs(got[key] - ref).max(), scale)
   ref = images.grad.numpy().transpose(0, 2, 3, 1)
   assert np.abs(np.asarray(image_grad) - ref).max() < 2e-5 * np.abs(ref).max()
+
+
+# --- streaming conversion ----------------------------------------------------------------------
+
+
+def _state_dict_pth(cases, tmp_path_factory):
+  """torch.save(DINOv3ViTModel.state_dict()) of the reference module: a .pth in HF's layout."""
+  path = tmp_path_factory.mktemp("sd") / "vits16plus_state_dict.pth"
+  torch.save(cases["vits16plus_like"][0].state_dict(), path)
+  return str(path), 6
+
+
+@pytest.mark.parametrize("source", ["vit7b_like meta .pth", "vits16_like meta .pth",
+                                    "vits16plus_like save_pretrained", "module.state_dict() .pth"])
+def test_streaming_conversion_equals_in_memory_conversion(cases, tmp_path, tmp_path_factory,
+                                                          source):
+  """convert_to_folder (lazy reads, one array written at a time) == convert(), bit for bit."""
+  name = source.split()[0]
+  num_heads = None
+  if source.startswith("module"):
+    path, num_heads = _state_dict_pth(cases, tmp_path_factory)
+  else:
+    path = cases[name][1] if "meta" in source else cases[name][2]
+  expected = convert_dinov3.convert_with_report(path, num_heads=num_heads)
+  streamed = convert_dinov3.convert_to_folder(path, tmp_path / "out", num_heads=num_heads)
+  assert streamed.params is None and streamed.notes == expected.notes
+  assert streamed.num_params == params_lib.count_params(expected.params)
+  config, loaded = dinov3_weights.load_converted(tmp_path / "out")
+  assert config == expected.config
+  flat = dict(params_lib.flatten_params(loaded))
+  want = dict(params_lib.flatten_params(expected.params))
+  assert sorted(flat, key=str) == sorted(want, key=str)
+  for key, value in want.items():
+    assert flat[key].dtype == np.float32 and flat[key].tobytes() == value.tobytes(), key
+  assert os.listdir(tmp_path) == ["out"]  # no partial folder left beside it
+
+
+def test_failed_streaming_conversion_leaves_no_folder_and_keeps_the_old_one(cases, tmp_path):
+  """Key problems are raised before anything is written; a value problem found half-way
+  (bias_mask of the last block) removes the partial folder; an earlier conversion survives."""
+  good = cases["vits16_like"][1]
+  out = tmp_path / "out"
+  convert_dinov3.convert_to_folder(good, out)
+  before = {p.name: p.read_bytes() for p in (out / "params").iterdir()}
+  sd = _meta_sd(cases)
+  del sd["norm.bias"]
+  torch.save(sd, tmp_path / "missing.pth")
+  sd = _meta_sd(cases)
+  sd["blocks.1.attn.qkv.bias_mask"] = torch.ones(3 * 384)
+  torch.save(sd, tmp_path / "mask.pth")
+  for bad, match in (("missing.pth", r"missing keys \(1\): norm\.bias"),
+                     ("mask.pth", r"blocks\.1\.attn\.qkv\.bias_mask")):
+    for target in (out, tmp_path / "new"):
+      with pytest.raises(convert_dinov3.ConversionError, match=match):
+        convert_dinov3.convert_to_folder(tmp_path / bad, target)
+  assert sorted(os.listdir(tmp_path)) == ["mask.pth", "missing.pth", "out"]
+  assert {p.name: p.read_bytes() for p in (out / "params").iterdir()} == before
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "mine.txt").write_text("keep")
+  with pytest.raises(FileExistsError, match="not a converted folder"):
+    convert_dinov3.convert_to_folder(good, tmp_path / "notes")
+  assert (tmp_path / "notes" / "mine.txt").read_text() == "keep"
+
+
+def test_v1_converted_folder_is_refused_with_the_fix(tmp_path):
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "dinov3.json").write_text(json.dumps(
+      {"format": "dd_jax.dinov3", "format_version": 1, "config": {}}))
+  with pytest.raises(ValueError, match=r"v1 folders \(Orbax params/\) are no longer read: "
+                                       r"re-run tools/convert_dinov3.py"):
+    dinov3_weights.read_config(tmp_path / "old")

@@ -1,0 +1,133 @@
+"""Bounded host memory of the streaming DINOv3 conversion, and converted weights restored straight
+into their shardings (each device's slice read from the file, nothing else)."""
+
+import collections
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+from dd_jax import parallel
+from dd_jax import params as params_lib
+from dd_jax.models import dinov3, dinov3_weights
+from test_convert_dinov3 import bf16_periods, hf_to_meta
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIB = 1 << 20
+
+# Peak RSS growth of a conversion, in a fresh process (the peak is reset just before it).
+_MEASURE = """
+import json, sys
+from dd_jax.convert import dinov3
+from dd_jax.models import dinov3_weights
+
+def status(field):
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
+
+mode, path, out = sys.argv[1:]
+with open("/proc/self/clear_refs", "w") as f:
+  f.write("5")  # resets VmHWM to the current RSS
+start = status("VmRSS")
+if mode == "stream":
+  dinov3.convert_to_folder(path, out)
+else:  # the in-memory conversion: the whole float32 tree, then written
+  dinov3_weights.save_converted(out, *dinov3.convert(path))
+print(json.dumps({"growth": status("VmHWM") - start}))
+"""
+
+
+def _peak_growth(mode: str, path: str, out: str) -> int:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  done = subprocess.run([sys.executable, "-c", _MEASURE, mode, path, out], capture_output=True,
+                        text=True, env=env, timeout=300, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  return json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+
+
+@pytest.mark.slow
+def test_streaming_conversion_memory_is_bounded_by_the_largest_tensor(tmp_path):
+  """A 6-block width-1024 Meta .pth (~300 MB float32, largest tensor 16 MiB): the streaming
+  conversion's peak RSS growth stays under 3 x the largest float32 entry + 32 MiB (docs/weights.md),
+  which the in-memory conversion of the same file exceeds several times over."""
+  torch.manual_seed(0)
+  config = DINOv3ViTConfig(hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
+                           num_hidden_layers=6, num_register_tokens=4)
+  model = DINOv3ViTModel(config).eval()
+  pth = tmp_path / "wide.pth"
+  torch.save(hf_to_meta(model, bf16_periods(model)), pth)
+  del model
+  largest = 4096 * 1024 * 4
+  bound = 3 * largest + 32 * MIB
+  file_size = os.path.getsize(pth)
+  assert file_size > 3 * bound, file_size
+  stream = _peak_growth("stream", str(pth), str(tmp_path / "stream"))
+  memory = _peak_growth("memory", str(pth), str(tmp_path / "memory"))
+  print(f"file {file_size / MIB:.0f} MiB, bound {bound / MIB:.0f} MiB: peak RSS growth "
+        f"streaming {stream / MIB:.0f} MiB, in memory {memory / MIB:.0f} MiB")
+  assert stream < bound, (stream / MIB, bound / MIB)
+  assert memory > bound, "the file is too small for the bound to tell the two apart"
+  a = dinov3_weights.load_converted(tmp_path / "stream")[1]
+  b = dinov3_weights.load_converted(tmp_path / "memory")[1]
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+# --- restoring into shardings ----------------------------------------------------------------
+
+
+def _sharded_model(config, mesh):
+  """DinoV3(config) built in its FSDP shardings (as train_state.create_model builds the model)."""
+  build = lambda: dinov3.DinoV3(config, rngs=nnx.Rngs(1))
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
+  shardings = parallel.tree_shardings(mesh, abstract_state, True)
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)())
+
+
+def test_converted_weights_load_shard_by_shard(tmp_path, monkeypatch):
+  """8 CPU devices, FSDP: load_weights gives the in-memory load's values in the target
+  shardings, and reads from the file exactly each device's slice (never a whole sharded
+  array)."""
+  config = dinov3.get_config("custom", dim=512, depth=1, num_heads=4, ffn="mlp", ffn_hidden=1024)
+  source = dinov3.DinoV3(config, rngs=nnx.Rngs(0))
+  dinov3_weights.save_converted(tmp_path / "w", config, nnx.to_pure_dict(nnx.state(source)))
+  _, expected = dinov3_weights.load_converted(tmp_path / "w")
+  mesh = parallel.make_mesh()
+  assert mesh.devices.size == 8
+  model = _sharded_model(config, mesh)
+  targets = {params_lib.path_str(p): v.get_value().sharding
+             for p, v in nnx.to_flat_state(nnx.state(model))}
+  sharded = {k for k, s in targets.items() if not s.is_fully_replicated}
+  assert {"blocks.0.attn.qkv.kernel", "blocks.0.mlp.fc1.kernel"} <= sharded
+  reads = collections.defaultdict(list)
+  read_slice = params_lib.read_slice
+
+  def recording(array, index):
+    out = read_slice(array, index)
+    reads[os.path.basename(array.filename)[:-len(".npy")]].append((index, out.size))
+    return out
+
+  monkeypatch.setattr(params_lib, "read_slice", recording)
+  dinov3_weights.load_weights(model, str(tmp_path / "w"))
+  loaded = nnx.to_flat_state(nnx.state(model))
+  want = dict(params_lib.flatten_params(expected))
+  assert len(loaded) == len(want)
+  for path, var in loaded:
+    key = params_lib.path_str(path)
+    value = var.get_value()
+    np.testing.assert_array_equal(np.asarray(value), want[path], err_msg=key)
+    assert value.sharding == targets[key], key
+    device_indices = targets[key].addressable_devices_indices_map(value.shape).values()
+    allowed = {tuple((s.start, s.stop) for s in idx) for idx in device_indices}
+    for index, size in reads[key]:
+      assert tuple((s.start, s.stop) for s in index) in allowed, (key, index)
+      if key in sharded:
+        assert size == np.prod(value.shape) // 8, (key, index, size)
+    if key in sharded:  # each of the 8 slices read (at least) once
+      assert {tuple((s.start, s.stop) for s in i) for i, _ in reads[key]} == allowed, key
