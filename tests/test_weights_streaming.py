@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from test_convert_dinov3 import bf16_periods, hf_to_meta
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from dd_jax import parallel
 from dd_jax import params as params_lib
 from dd_jax.models import dinov3, dinov3_weights
-from test_convert_dinov3 import bf16_periods, hf_to_meta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -129,5 +129,75 @@ def test_converted_weights_load_shard_by_shard(tmp_path, monkeypatch):
       assert tuple((s.start, s.stop) for s in index) in allowed, (key, index)
       if key in sharded:
         assert size == np.prod(value.shape) // 8, (key, index, size)
-    if key in sharded:  # each of the 8 slices read (at least) once
-      assert {tuple((s.start, s.stop) for s in i) for i, _ in reads[key]} == allowed, key
+    read = [tuple((s.start, s.stop) for s in i) for i, _ in reads[key]]
+    assert len(read) == len(set(read)), (key, read)  # each slice read once
+    if key in sharded:  # one slice per device
+      assert set(read) == allowed and len(read) == 8, key
+
+
+# Each of 2 processes (2 CPU devices each) fills a DinoV3 in FSDP shardings over the 4 devices
+# from the converted folder, recording what it reads.
+_PROCESS = """
+import json, os, sys
+import jax, numpy as np
+from flax import nnx
+from dd_jax import parallel, params as params_lib
+from dd_jax.models import dinov3, dinov3_weights
+
+folder, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+parallel.join_processes(f"127.0.0.1:{port}", 2, pid, False, 30)
+config = dinov3_weights.read_config(folder)
+model = nnx.eval_shape(lambda: dinov3.DinoV3(config, rngs=nnx.Rngs(0)))
+state = nnx.state(model)
+shardings = parallel.tree_shardings(parallel.make_mesh(), state, True)
+zeros = jax.tree.map(lambda x, s: jax.make_array_from_callback(
+    x.shape, s, lambda i: np.zeros(x.shape, x.dtype)[i]), state, shardings)
+nnx.update(model, zeros)
+read = {}
+original = params_lib.read_slice
+def recording(array, index):
+  out = original(array, index)
+  read[os.path.basename(array.filename)[:-4]] = read.get(os.path.basename(array.filename)[:-4], 0) + out.size
+  return out
+params_lib.read_slice = recording
+dinov3_weights.load_weights(model, folder)
+params_lib.read_slice = original
+full = dict(params_lib.flatten_params(dinov3_weights.load_converted(folder)[1]))
+for path, var in nnx.to_flat_state(nnx.state(model)):
+  value = var.get_value()
+  for shard in value.addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), full[path][shard.index])
+sizes = {params_lib.path_str(p): int(np.prod(v.get_value().shape))
+         for p, v in nnx.to_flat_state(nnx.state(model))}
+sharded = sorted(params_lib.path_str(p) for p, v in nnx.to_flat_state(nnx.state(model))
+                 if not v.get_value().sharding.is_fully_replicated)
+print(json.dumps(dict(read=read, sizes=sizes, sharded=sharded)))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.slow
+def test_two_processes_each_read_only_their_half(tmp_path):
+  """2 processes x 2 devices, FSDP over 4: each process reads from the converted folder only
+  the half of each sharded array that its devices hold (and the shards it holds are right)."""
+  import socket  # pylint: disable=import-outside-toplevel
+  config = dinov3.get_config("custom", dim=512, depth=1, num_heads=4, ffn="mlp", ffn_hidden=1024)
+  source = dinov3.DinoV3(config, rngs=nnx.Rngs(0))
+  dinov3_weights.save_converted(tmp_path / "w", config, nnx.to_pure_dict(nnx.state(source)))
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "PYTHONPATH": ROOT}
+  running = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path / "w"), str(port),
+                               str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in running]
+  for p, out in zip(running, outputs):
+    assert p.returncode == 0, out[-3000:]
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  sizes, sharded = results[0]["sizes"], results[0]["sharded"]
+  assert "blocks.0.mlp.fc1.kernel" in sharded
+  for result in results:
+    assert set(result["read"]) == set(sizes)
+    for key, size in sizes.items():
+      assert result["read"][key] == (size // 2 if key in sharded else size), key
