@@ -202,12 +202,13 @@ def read_converted_meta(out_dir: str | os.PathLike, meta_file: str, fmt: str, to
     raise FileNotFoundError(f"{out_dir}: no {meta_file}; convert with {tool} first")
   with open(meta_path, encoding="utf-8") as f:
     meta = json.load(f)
-  version = meta.get("format_version") if isinstance(meta, dict) else None
-  if not isinstance(meta, dict) or meta.get("format") != fmt or version != CONVERTED_VERSION:
+  found, version = (meta.get("format"), meta.get("format_version")) if isinstance(meta, dict) \
+      else (None, None)
+  if found != fmt or version != CONVERTED_VERSION:
     hint = (f"; v1 folders (Orbax params/) are no longer read: re-run {tool} on the original "
-            f"file" if meta.get("format") == fmt and version == 1 else "")
-    raise ValueError(f"{meta_path}: format {meta.get('format')!r} v{version}, expected "
-                     f"{fmt!r} v{CONVERTED_VERSION}{hint}")
+            f"file" if found == fmt and version == 1 else "")
+    raise ValueError(f"{meta_path}: format {found!r} v{version}, expected {fmt!r} "
+                     f"v{CONVERTED_VERSION}{hint}")
   return meta
 
 

@@ -2,6 +2,7 @@
 into their shardings (each device's slice read from the file, nothing else)."""
 
 import collections
+import importlib.util
 import json
 import os
 import subprocess
@@ -22,34 +23,15 @@ from dd_jax.models import dinov3, dinov3_weights
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
 
-# Peak RSS growth of a conversion, in a fresh process (the peak is reset just before it).
-_MEASURE = """
-import json, sys
-from dd_jax.convert import dinov3
-from dd_jax.models import dinov3_weights
-
-def status(field):
-  with open("/proc/self/status") as f:
-    return next(int(l.split()[1]) * 1024 for l in f if l.startswith(field + ":"))
-
-mode, path, out = sys.argv[1:]
-with open("/proc/self/clear_refs", "w") as f:
-  f.write("5")  # resets VmHWM to the current RSS
-start = status("VmRSS")
-if mode == "stream":
-  dinov3.convert_to_folder(path, out)
-else:  # the in-memory conversion: the whole float32 tree, then written
-  dinov3_weights.save_converted(out, *dinov3.convert(path))
-print(json.dumps({"growth": status("VmHWM") - start}))
-"""
 
 
 def _peak_growth(mode: str, path: str, out: str) -> int:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
-  done = subprocess.run([sys.executable, "-c", _MEASURE, mode, path, out], capture_output=True,
-                        text=True, env=env, timeout=300, check=False)
-  assert done.returncode == 0, done.stderr[-3000:]
-  return json.loads(done.stdout.strip().splitlines()[-1])["growth"]
+  """Peak RSS growth of a conversion in a fresh process: tools/measure_conversion_memory.py's."""
+  spec = importlib.util.spec_from_file_location(
+      "measure_conversion_memory", os.path.join(ROOT, "tools", "measure_conversion_memory.py"))
+  tool = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(tool)
+  return tool.measure(mode, path, out, ROOT)["growth"]
 
 
 @pytest.mark.slow

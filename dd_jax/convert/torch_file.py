@@ -286,6 +286,8 @@ def _entry_array(path: str, archive: zipfile.ZipFile, name: str, dtype: np.dtype
           return inflate(again)
       except Refusal as e:
         raise TorchFileError(f"{path}: refused: {e}") from None
+      except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+        raise TorchFileError(f"{path}: unreadable zip archive ({e})") from e
 
   return _LazyBuffer(dtype, numel, make) if lazy else make()
 
