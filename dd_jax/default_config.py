@@ -104,6 +104,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.optimizer.b2 = 0.999
   c.optimizer.eps = 1e-8
   c.optimizer.clip_norm = 1.0
+  # Gradient accumulation: each update's data.batch_size samples go through the network as this
+  # many micro-batches (activation memory of one); the update is that of the whole batch.
+  c.optimizer.accumulate_steps = 1
   c.optimizer.plateau_factor = 0.1  # reduce-on-plateau scale, on top of any schedule
   # Fine-tuning recipes (docs/training.md); these defaults are the original's plain AdamW.
   c.optimizer.layer_decay = 1.0  # unfrozen block i of D: lr x layer_decay^(D - i); 1 = off
@@ -217,6 +220,11 @@ def check(c: ml_collections.ConfigDict) -> None:
   need(o.clip_norm >= 0, f"optimizer.clip_norm must be >= 0 (0 = off), got {o.clip_norm}")
   need(0 < o.plateau_factor <= 1, f"optimizer.plateau_factor must be in (0, 1], got "
        f"{o.plateau_factor}")
+  need(o.accumulate_steps >= 1, f"optimizer.accumulate_steps must be >= 1, got "
+       f"{o.accumulate_steps}")
+  need(o.accumulate_steps < 1 or d.batch_size % o.accumulate_steps == 0,
+       f"data.batch_size={d.batch_size} must be a multiple of optimizer.accumulate_steps="
+       f"{o.accumulate_steps} (it is the global batch of one update, split into micro-batches)")
   for name in ("batch_size", "eval_batch_size", "out_img_size"):
     need(d[name] > 0, f"data.{name} must be > 0, got {d[name]}")
   need(d.out_img_size % 16 == 0, f"data.out_img_size must be a multiple of the patch size 16, "

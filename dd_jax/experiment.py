@@ -57,7 +57,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   if config.train:  # a run that could not save stops now, not after an epoch
     checkpointing.check_writable(os.path.join(workdir, "checkpoints"))
   mesh = mesh or parallel.make_mesh()
-  parallel.check_batch_sizes(mesh, config.data.batch_size, config.data.eval_batch_size)
+  parallel.check_batch_sizes(mesh, config.data.batch_size, config.data.eval_batch_size,
+                             config.optimizer.accumulate_steps)
   writer = logs.MetricWriter(workdir, config)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:

@@ -28,13 +28,21 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
                        devices=devices)
 
 
-def check_batch_sizes(mesh: jax.sharding.Mesh, *global_batch_sizes: int) -> None:
-  """Global batches are split evenly over devices (and so over processes)."""
+def check_batch_sizes(mesh: jax.sharding.Mesh, batch_size: int, eval_batch_size: int,
+                      accumulate_steps: int = 1) -> None:
+  """Global batches are split evenly over devices (and so over processes); with gradient
+  accumulation every device's share of a train batch splits evenly into the micro-batches."""
   n = mesh.shape[DATA_AXIS]
-  bad = [b for b in global_batch_sizes if b % n]
-  if bad:
-    raise ValueError(f"data.batch_size / data.eval_batch_size {bad} must be multiples of the "
-                     f"{n} devices of the mesh ({jax.process_count()} processes)")
+  where = f"the {n} devices of the mesh ({jax.process_count()} processes)"
+  problems = []
+  if batch_size % (n * accumulate_steps):
+    problems.append(f"data.batch_size={batch_size} must be a multiple of {where}"
+                    + (f" x optimizer.accumulate_steps={accumulate_steps} (= {n * accumulate_steps})"
+                       if accumulate_steps > 1 else ""))
+  if eval_batch_size % n:
+    problems.append(f"data.eval_batch_size={eval_batch_size} must be a multiple of {where}")
+  if problems:
+    raise ValueError("; ".join(problems))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:

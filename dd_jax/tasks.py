@@ -30,6 +30,11 @@ class Task(Protocol):
     """Train step: (scalar loss to minimise, extra scalars to log); the network in train mode,
     its randomness (RoPE rescale) drawn from `rng`."""
 
+  def loss_shares(self, micro, consts) -> Any:
+    """(k,) share of each micro-batch's loss in the whole batch's loss (gradient accumulation,
+    optimizer.accumulate_steps): sum_j share_j loss(micro_j) = loss(batch). micro: the batch
+    with a leading axis of k micro-batches. Independent of the parameters."""
+
   def evaluate(self, model, batch, consts) -> tuple[dict[str, Any], dict[str, Any]]:
     """Eval step: (metric sums and counts of the batch, per-frame outputs)."""
 
@@ -72,6 +77,12 @@ class PoseTask:
   def loss(self, model, batch, consts, rng):
     _, _, reduced = self._forward(model, batch, consts, train_rope_scale(model, rng, self.config))
     return reduced["loss"], {"keypoint_loss": reduced["keypoint"], "pose_loss": reduced["pose"]}
+
+  @staticmethod
+  def loss_shares(micro, consts):
+    """The loss (and its keypoint / pose terms) SUMS over the batch: every share is 1."""
+    del consts
+    return jnp.ones(micro["valid"].shape[:1], jnp.float32)
 
   def evaluate(self, model, batch, consts):
     out, per_sample, reduced = self._forward(model, batch, consts)
@@ -133,6 +144,16 @@ class ForceTask:
                    rope_scale=train_rope_scale(model, rng, self.config))
     per_sample = losses.force_loss(logits, batch["tap_label"], consts["class_weights"])
     return losses.reduce_force_loss(per_sample, batch["valid"]), {}
+
+  @staticmethod
+  def loss_shares(micro, consts):
+    """The loss is sum(w_i l_i) / sum(w_i) over the valid samples (class weights w): a
+    micro-batch's share is its sum of weights over the whole batch's."""
+    k, b = micro["valid"].shape
+    weights = consts["class_weights"][micro["tap_label"].reshape(k, b, -1).astype(jnp.int32)]
+    per_micro = jnp.sum(jnp.where(micro["valid"], jnp.sum(weights, axis=-1), 0.0), axis=1)
+    total = jnp.sum(per_micro)
+    return jnp.where(total > 0, per_micro / jnp.where(total > 0, total, 1.0), 0.0)
 
   def evaluate(self, model, batch, consts):
     logits = model(batch["img"], batch["base_img"])

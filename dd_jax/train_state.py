@@ -66,7 +66,8 @@ def step_rng(seed: int, step, stream: int = AUGMENT) -> jax.Array:
 
 
 def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable, seed: int = 0,
-                    augment: transforms.AugmentConfig | None = None) -> Callable:
+                    augment: transforms.AugmentConfig | None = None, *,
+                    accumulate_steps: int = 1, loss_shares: Callable | None = None) -> Callable:
   """(state, frozen, batch, consts) -> (state, metrics);
   `loss_fn(model, batch, consts, rng) -> (loss, aux)`, rng = step_rng(seed, step, NETWORK).
 
@@ -77,19 +78,49 @@ def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable,
   consts: the task's fixed arrays (MANO model, class weights), arguments rather than constants
   folded into the compiled program.
 
-  A non-finite loss leaves the state unchanged (the host then stops the run), so the last
-  good parameters are what any later checkpoint would hold.
+  accumulate_steps = k > 1 (optimizer.accumulate_steps): the batch goes through the network as
+  k micro-batches of B/k, one after the other (a scan: activations of one micro-batch live at a
+  time), and ONE optimizer update follows with the whole batch's gradient. `loss_shares(micro,
+  consts)` (the task's) gives each micro-batch's share of the whole batch's loss (micro: the
+  batch with a leading k axis), so that sum_j share_j loss_j IS the batch's loss and its
+  gradient the batch's gradient: clipping, the schedule and the plateau see what one batch of B
+  gives (up to float summation order). Micro-batch j holds samples j, j + k, j + 2k, ...: every
+  device's samples stay on it. Augmentation and the network's randomness are drawn for the whole
+  batch, as with k = 1. Metrics: the batch's loss and aux (share-weighted sums over micro-batches),
+  and the norm of the gradient the optimizer saw.
+
+  A non-finite loss (of any micro-batch) leaves the state unchanged (the host then stops the
+  run), so the last good parameters are what any later checkpoint would hold.
   """
+  k = accumulate_steps
+  if k > 1 and loss_shares is None:
+    raise ValueError("make_train_step: accumulate_steps > 1 needs loss_shares (the task's)")
 
   def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], consts):
     batch = device_augment.model_inputs(batch, step_rng(seed, state["step"], AUGMENT), augment)
     rng = step_rng(seed, state["step"], NETWORK)
 
-    def compute_loss(trainable):
-      model = nnx.merge(graphdef, trainable, frozen)
-      return loss_fn(model, batch, consts, rng)
+    def loss_and_grads(part):
+      def compute_loss(trainable):
+        model = nnx.merge(graphdef, trainable, frozen)
+        return loss_fn(model, part, consts, rng)
+      return jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
 
-    (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
+    if k == 1:
+      (loss, aux), grads = loss_and_grads(batch)
+    else:
+      micro = micro_batches(batch, k)
+      shares = loss_shares(micro, consts).astype(jnp.float32)
+
+      def accumulate(total, part_and_share):
+        part, share = part_and_share
+        (loss, aux), grads = loss_and_grads(part)
+        total = jax.tree.map(lambda t, g: t + share * g, total, grads)
+        return total, (loss, aux)
+
+      zeros = jax.tree.map(jnp.zeros_like, state["params"])  # float32, as trainable params are
+      grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, (micro, shares))
+      loss, aux = jax.tree.map(lambda x: jnp.tensordot(shares, x, axes=1), (losses, auxes))
     # A branch rather than a select between new and old: selecting keeps a copy of the old
     # optimizer state alive through the whole step (~75 MiB for ViT-S with 3 trained blocks).
     finite = jnp.isfinite(loss)
@@ -99,6 +130,18 @@ def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable,
     return new_state, metrics
 
   return train_step
+
+
+def micro_batches(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
+  """(B, ...) leaves -> (k, B/k, ...): micro-batch j = samples j, j + k, ... The batch is split
+  over the devices in contiguous blocks of B/n (a multiple of k), so every micro-batch takes
+  B/(nk) samples of each device's block and nothing moves between devices."""
+  def split(x):
+    if x.ndim == 0 or x.shape[0] % k:
+      raise ValueError(f"batch leaf of shape {x.shape}: its batch dimension is not a multiple of "
+                       f"optimizer.accumulate_steps={k}")
+    return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
 
 
 def make_eval_step(graphdef: nnx.GraphDef, eval_fn: Callable) -> Callable:
@@ -169,7 +212,9 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   state = init_state(trainable)
   augment = transforms.AugmentConfig() if config.data.augment else None
   train_step = jax.jit(make_train_step(graphdef, optim.make_update(config, tx), task.loss,
-                                       config.seed, augment),
+                                       config.seed, augment,
+                                       accumulate_steps=config.optimizer.accumulate_steps,
+                                       loss_shares=task.loss_shares),
                        donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(graphdef, task.evaluate))
   host.release_freed_host_memory()  # what compiling the initialisers freed
