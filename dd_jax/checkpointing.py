@@ -329,8 +329,8 @@ def _run_config(directory: str, step: int) -> ml_collections.ConfigDict:
 
 # Settings of how a network is run or trained, not of what it is: the caller's config keeps them
 # when a converted checkpoint supplies the rest of config.model.
-_RUN_SETTINGS = ("backbone.dtype", "backbone.weights", "backbone.n_unfrozen_blocks",
-                 "backbone.rope_rescale")
+_RUN_SETTINGS = ("backbone.dtype", "backbone.frozen_dtype", "backbone.weights",
+                 "backbone.n_unfrozen_blocks", "backbone.rope_rescale")
 
 
 def _converted_config(path: str, config: ml_collections.ConfigDict | None

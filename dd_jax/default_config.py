@@ -82,6 +82,9 @@ def base_config(task: str) -> ml_collections.ConfigDict:
   c.model.backbone.weights = ""  # converted checkpoint (tools/convert_dinov3.py); "" = random init
   c.model.backbone.n_unfrozen_blocks = 3
   c.model.backbone.dtype = "bfloat16"  # compute dtype; params stay float32
+  # Storage dtype of the parameters that do not train (frozen blocks, patch embedding, tokens):
+  # "bfloat16" halves their memory; trainable parameters and optimizer state stay float32.
+  c.model.backbone.frozen_dtype = "float32"
   # auto | custom_vjp | autodiff: how the blocks' backward passes are built (dd_jax/kernels.py);
   # auto picks by backend and CPU flags, DD_JAX_DINOV3_IMPL in the environment overrides it.
   c.model.backbone.impl = "auto"
@@ -246,6 +249,9 @@ def check(c: ml_collections.ConfigDict) -> None:
        f"model.backbone.variant must be one of {variants}, got {m.backbone.variant!r}")
   need(m.backbone.dtype in _DTYPES,
        f"model.backbone.dtype must be one of {list(_DTYPES)}, got {m.backbone.dtype!r}")
+  need(m.backbone.frozen_dtype in ("float32", "bfloat16"),
+       f"model.backbone.frozen_dtype must be 'float32' or 'bfloat16', got "
+       f"{m.backbone.frozen_dtype!r}")
   need(m.backbone.rope_rescale == 0 or m.backbone.rope_rescale >= 1,
        f"model.backbone.rope_rescale must be 0 (off) or >= 1, got {m.backbone.rope_rescale}")
   need(m.head.pool in ("avg", "attn"), f"model.head.pool must be 'avg' or 'attn', got "

@@ -167,12 +167,18 @@ def compile_step(step: Callable, *args) -> Callable:
 
 
 def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
-  """(is_trainable, (graphdef, trainable, frozen)): the network built in its shardings, backbone
-  weights loaded, split by the filter of what trains."""
+  """(is_trainable, (graphdef, trainable, frozen)): the network built in its shardings (frozen
+  parameters in model.backbone.frozen_dtype), backbone weights loaded, split by the filter of
+  what trains."""
+  depth = deltadorsal.backbone_config_from(config).depth
+  is_trainable = optim.trainable_filter(depth, config.model.backbone.n_unfrozen_blocks)
+  frozen_dtype = jnp.dtype(config.model.backbone.frozen_dtype)
   build_model = lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(config.seed))
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build_model))
   shardings = parallel.tree_shardings(mesh, abstract_state, config.mesh.fsdp)
-  model_state = jax.jit(lambda: nnx.split(build_model())[1], out_shardings=shardings)()
+  # Cast inside the initialiser: each device only ever holds its shard in the frozen dtype.
+  model_state = jax.jit(lambda: cast_frozen(nnx.split(build_model())[1], is_trainable,
+                                            frozen_dtype), out_shardings=shardings)()
   model = nnx.merge(graphdef, model_state)
   weights = config.model.backbone.weights
   if weights:
@@ -181,11 +187,20 @@ def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
       raise ValueError(f"model.backbone.weights={weights}: not a converted DINOv3 backbone "
                        "(tools/convert_dinov3.py); start from a run or a converted DeltaDorsal "
                        "checkpoint with config.init_from")
-    checkpointing.load_params(source, model)
+    checkpointing.load_params(source, model)  # the variables' dtypes kept
   optim.group_sizes(config, nnx.state(model, nnx.Param))  # every parameter in a defined group
-  depth = deltadorsal.backbone_config_from(config).depth
-  is_trainable = optim.trainable_filter(depth, config.model.backbone.n_unfrozen_blocks)
   return is_trainable, nnx.split(model, is_trainable, ...)
+
+
+def cast_frozen(state: nnx.State, is_trainable: Callable, dtype) -> nnx.State:
+  """`state` with its floating-point Params that do not train in `dtype`; trainable Params and
+  other variables (RoPE periods) as they are."""
+  def cast(path, variable):
+    if (isinstance(variable, nnx.Param) and not is_trainable(path, variable)
+        and jnp.issubdtype(variable.dtype, jnp.floating)):
+      return variable.replace(variable.get_value().astype(dtype))
+    return variable
+  return nnx.map_state(cast, state)
 
 
 def init_fn(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
