@@ -6,8 +6,11 @@ import collections
 import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from dd_jax import default_config, optim, parallel, train_state
 from dd_jax.data import pipeline
@@ -62,8 +65,9 @@ def _relative_errors(got, want):
   """Per leaf |got - want| / |want| (Frobenius norms), by path."""
   flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
   want = flat(want)
-  return {jax.tree_util.keystr(path): float(np.linalg.norm(np.float64(value) - want[path])
-                                            / max(np.linalg.norm(np.float64(want[path])), 1e-30))
+  return {jax.tree_util.keystr(path): 0.0 if np.array_equal(value, want[path])  # infinities too
+          else float(np.linalg.norm(np.float64(value) - want[path])
+                     / max(np.linalg.norm(np.float64(want[path])), 1e-30))
           for path, value in flat(got).items() if np.issubdtype(value.dtype, np.floating)}
 
 
@@ -102,6 +106,58 @@ def test_accumulated_steps_equal_one_batch_on_eight_devices(tiny_dataset, task, 
   for t, (m, w) in enumerate(zip(metrics, want_metrics)):
     for name in w:
       np.testing.assert_allclose(m[name], w[name], rtol=1e-5, err_msg=f"step {t} {name}")
+
+
+def _toy_step(k, clip_norm=1e-3):
+  """A linear model with a per-valid-sample mean loss, clipped Adam: (train step, state)."""
+  config = default_config.pose_config("demo")
+  model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model, nnx.Param)
+  tx = optax.chain(optax.clip_by_global_norm(clip_norm), optax.adam(1e-2))
+
+  def loss_fn(model, batch, consts, rng):
+    del consts, rng
+    err = jnp.sum((model(batch["x"]) - batch["y"]) ** 2, axis=1)
+    count = jnp.sum(batch["valid"])
+    return jnp.sum(jnp.where(batch["valid"], err, 0.0)) / count, {
+        "rms": jnp.sum(jnp.where(batch["valid"], jnp.sqrt(err), 0.0)) / count}
+
+  def shares(micro, consts):  # a mean over the valid samples: weigh by the valid counts
+    del consts
+    counts = jnp.sum(micro["valid"], axis=1)
+    return counts / jnp.sum(counts)
+
+  step = jax.jit(train_state.make_train_step(graphdef, optim.make_update(config, tx), loss_fn,
+                                             accumulate_steps=k, loss_shares=shares))
+  state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+               plateau=optim.plateau_init(config))
+  return step, state
+
+
+def test_accumulated_toy_steps_equal_one_batch_and_stop_on_nan():
+  rng = np.random.default_rng(0)
+  batch = {"x": rng.standard_normal((8, 3)).astype(np.float32),
+           "y": rng.standard_normal((8, 2)).astype(np.float32),
+           "valid": np.array([1, 1, 0, 1, 1, 1, 1, 0], bool),  # unequal micro-batch counts
+           "img": np.zeros((8, 1), np.float32)}  # not uint8: model_inputs passes it through
+  got = {}
+  for k in (1, 2, 4):
+    step, state = _toy_step(k)
+    for _ in range(2):
+      state, metrics = step(state, {}, batch, {})
+    got[k] = jax.tree.map(np.asarray, (state, metrics))
+  assert got[1][1]["grad_norm"] > 10 * 1e-3  # clipped
+  for k in (2, 4):
+    errors = _relative_errors(got[k], got[1])
+    assert max(errors.values()) <= 1e-6, errors
+  # A non-finite loss in one micro-batch: no update, the step count stays.
+  batch["x"][5] = np.nan
+  step, state = _toy_step(4)
+  before = jax.tree.map(np.array, state)
+  state, metrics = step(state, {}, batch, {})
+  assert not np.isfinite(float(metrics["loss"])) and int(state["step"]) == 0
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state["params"]),
+               before["params"])
 
 
 def test_micro_batches_take_strided_samples():
