@@ -13,6 +13,7 @@ from flax import nnx
 
 from dd_jax import checkpointing, default_config, inference, kernels, parallel, train_state
 from dd_jax.data import pipeline
+from dd_jax.models import deltadorsal, dinov3_weights
 
 import tiny
 
@@ -36,8 +37,15 @@ def _relative(a, b):
 
 
 @pytest.fixture(scope="module")
-def built(tiny_dataset):
-  return {dtype: _build(_config(tiny_dataset, dtype)) for dtype in ("float32", "bfloat16")}
+def built(tiny_dataset, tmp_path_factory):
+  """Float32 and bf16-frozen builds; the bf16 one (another seed) loads the float32 one's
+  backbone as a converted DINOv3 folder, so its frozen part is the float32 values, cast."""
+  b32 = _build(_config(tiny_dataset, "float32"))
+  weights = str(tmp_path_factory.mktemp("backbone") / "vit")
+  dinov3_weights.save_converted(weights, deltadorsal.backbone_config_from(b32.config),
+                                nnx.to_pure_dict(nnx.state(b32.model().backbone, nnx.Param)))
+  b16 = _build(_config(tiny_dataset, "bfloat16", seed=7, **{"model.backbone.weights": weights}))
+  return {"float32": b32, "bfloat16": b16}
 
 
 def test_frozen_params_are_bf16_and_the_rest_float32(built):
@@ -55,7 +63,7 @@ def test_frozen_params_are_bf16_and_the_rest_float32(built):
                                   if isinstance(v, nnx.Param))
   assert param_bytes(b16.frozen) * 2 == param_bytes(b32.frozen)
   assert param_bytes(b16.state["params"]) == param_bytes(b32.state["params"])
-  # The same initialisation, rounded: the frozen values are the float32 ones cast.
+  # The loaded backbone, rounded: the frozen values are the float32 ones cast.
   f32 = _flat(b32.frozen)
   for name, variable in frozen.items():
     np.testing.assert_array_equal(variable.get_value(),
