@@ -97,29 +97,36 @@ def make_train_step(graphdef: nnx.GraphDef, update: Callable, loss_fn: Callable,
     raise ValueError("make_train_step: accumulate_steps > 1 needs loss_shares (the task's)")
 
   def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array], consts):
-    batch = device_augment.model_inputs(batch, step_rng(seed, state["step"], AUGMENT), augment)
+    keys = None  # the images' augmentation keys, drawn for the whole batch
+    if augment is not None and batch["img"].dtype == jnp.uint8:
+      keys = device_augment.image_keys(step_rng(seed, state["step"], AUGMENT),
+                                       batch["img"].shape[0])
     rng = step_rng(seed, state["step"], NETWORK)
 
-    def loss_and_grads(part):
+    def loss_and_grads(part, part_keys):
+      # Augmented per micro-batch: its float32 images and their scratch are micro-batch sized.
+      part = device_augment.model_inputs(part, part_keys, augment)
+
       def compute_loss(trainable):
         model = nnx.merge(graphdef, trainable, frozen)
         return loss_fn(model, part, consts, rng)
       return jax.value_and_grad(compute_loss, has_aux=True)(state["params"])
 
     if k == 1:
-      (loss, aux), grads = loss_and_grads(batch)
+      (loss, aux), grads = loss_and_grads(batch, keys)
     else:
       micro = micro_batches(batch, k)
+      micro_keys = None if keys is None else micro_batches({"keys": keys}, k)["keys"]
       shares = loss_shares(micro, consts).astype(jnp.float32)
 
       def accumulate(total, part_and_share):
-        part, share = part_and_share
-        (loss, aux), grads = loss_and_grads(part)
+        part, part_keys, share = part_and_share
+        (loss, aux), grads = loss_and_grads(part, part_keys)
         total = jax.tree.map(lambda t, g: t + share * g, total, grads)
         return total, (loss, aux)
 
       zeros = jax.tree.map(jnp.zeros_like, state["params"])  # float32, as trainable params are
-      grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, (micro, shares))
+      grads, (losses, auxes) = jax.lax.scan(accumulate, zeros, (micro, micro_keys, shares))
       loss, aux = jax.tree.map(lambda x: jnp.tensordot(shares, x, axes=1), (losses, auxes))
     # A branch rather than a select between new and old: selecting keeps a copy of the old
     # optimizer state alive through the whole step (~75 MiB for ViT-S with 3 trained blocks).

@@ -24,7 +24,7 @@ CLASS_COUNTS = (30714, 1860, 1860, 1860, 1860, 1860, 1860)
 
 def _config(task, data_dir, k, **overrides):
   return tiny.config(task, data_dir, **{
-      "data.augment_on_device": True,  # uint8 batch: augmented in the step, before the split
+      "data.augment_on_device": True,  # uint8 batch: each micro-batch augmented in the scan
       "optimizer.accumulate_steps": k, "optimizer.clip_norm": 1e-3,
       "optimizer.plateau_patience": 0, **overrides})
 

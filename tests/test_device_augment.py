@@ -104,7 +104,8 @@ def test_augmented_batch_is_independent_of_the_sharding():
   """8 devices vs 1: the same global batch gets the same pixels (per-sample keys by position)."""
   local = _uint8_batch()
   key = train_state.step_rng(42, 3)
-  step = jax.jit(lambda b, k: device_augment.model_inputs(b, k, AugmentConfig()))
+  step = jax.jit(lambda b, k: device_augment.model_inputs(
+      b, device_augment.image_keys(k, b["img"].shape[0]), AugmentConfig()))
   outs = []
   for devices in (jax.devices()[:8], jax.devices()[:1]):
     out = step(parallel.global_batch(parallel.make_mesh(devices), local), key)
@@ -182,7 +183,8 @@ def test_steps_prepare_uint8_batches():
       for step_number in (0, 1):
         _, aux = step(dict(state, step=jnp.int32(step_number)), rest, batch, {})
         seen[name, kind, step_number] = np.asarray(aux["img"])
-  expected = device_augment.model_inputs(local, train_state.step_rng(5, 1), AugmentConfig())
+  keys = device_augment.image_keys(train_state.step_rng(5, 1), len(local["img"]))
+  expected = device_augment.model_inputs(local, keys, AugmentConfig())
   # (Fused into another program, the float rounding may differ.)
   np.testing.assert_allclose(seen["augment", "uint8", 1], np.asarray(expected["img"]), atol=2e-6)
   assert not np.array_equal(seen["augment", "uint8", 0], seen["augment", "uint8", 1])

@@ -110,19 +110,25 @@ def augment(key: jax.Array, image: jax.Array, config: AugmentConfig = AugmentCon
   return apply(image, draw(params_key, config), noise, config)
 
 
-def model_inputs(batch: dict[str, jax.Array], key: jax.Array | None = None,
+def image_keys(key: jax.Array, batch_size: int) -> jax.Array:
+  """(B, 2) keys of a batch's images (frame, base) from the step's augmentation key: one per
+  image by its place in the global batch, so independent of the sharding and of how the batch is
+  split into micro-batches."""
+  return jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), (batch_size, 2))
+
+
+def model_inputs(batch: dict[str, jax.Array], keys: jax.Array | None = None,
                  config: AugmentConfig | None = None) -> dict[str, jax.Array]:
   """A batch as the network takes it: uint8 img / base_img (B, S, S, 3) become float32,
-  augmented (with `key` and `config`: the train step) and normalised; float32 images (the
-  host path's) pass unchanged. Masked samples (valid False) get zero images, as on the host."""
+  augmented (with `config` and the images' `keys`, `image_keys`: the train step) and
+  normalised; float32 images (the host path's) pass unchanged. Masked samples (valid False) get
+  zero images, as on the host."""
   if batch["img"].dtype != jnp.uint8:
     return batch
   images = jnp.stack([batch["img"], batch["base_img"]], axis=1)  # (B, 2, S, S, 3)
   if config is None:
     out = normalise(images.astype(jnp.float32) / 255.0)
   else:
-    # One key per image, by its place in the global batch: independent of the sharding.
-    keys = jax.random.split(jax.random.fold_in(key, _AUGMENT_STREAM), images.shape[:2])
     out = jax.vmap(jax.vmap(lambda k, x: augment(k, x, config)))(keys, images)
   out = jnp.where(batch["valid"][:, None, None, None, None], out, 0.0)
   return dict(batch, img=out[:, 0], base_img=out[:, 1])
