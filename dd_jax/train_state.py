@@ -173,10 +173,12 @@ def compile_step(step: Callable, *args) -> Callable:
 # ------------------------------------------------------------------ building
 
 
-def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                 abstract: bool = False):
   """(is_trainable, (graphdef, trainable, frozen)): the network built in its shardings (frozen
   parameters in model.backbone.frozen_dtype), backbone weights loaded, split by the filter of
-  what trains."""
+  what trains. abstract: ShapeDtypeStructs with their shardings instead, nothing allocated or
+  read (tools/plan.py)."""
   depth = deltadorsal.backbone_config_from(config).depth
   is_trainable = optim.trainable_filter(depth, config.model.backbone.n_unfrozen_blocks)
   frozen_dtype = jnp.dtype(config.model.backbone.frozen_dtype)
@@ -184,11 +186,11 @@ def create_model(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   graphdef, abstract_state = nnx.split(nnx.eval_shape(build_model))
   shardings = parallel.tree_shardings(mesh, abstract_state, config.mesh.fsdp)
   # Cast inside the initialiser: each device only ever holds its shard in the frozen dtype.
-  model_state = jax.jit(lambda: cast_frozen(nnx.split(build_model())[1], is_trainable,
-                                            frozen_dtype), out_shardings=shardings)()
-  model = nnx.merge(graphdef, model_state)
+  init = jax.jit(lambda: cast_frozen(nnx.split(build_model())[1], is_trainable, frozen_dtype),
+                 out_shardings=shardings)
+  model = nnx.merge(graphdef, jax.eval_shape(init) if abstract else init())
   weights = config.model.backbone.weights
-  if weights:
+  if weights and not abstract:
     source = checkpointing.find(weights)
     if source.kind != checkpointing.DINOV3:
       raise ValueError(f"model.backbone.weights={weights}: not a converted DINOv3 backbone "
@@ -219,11 +221,14 @@ def init_fn(config: ml_collections.ConfigDict, tx: optax.GradientTransformation
   return init
 
 
-def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
-          ) -> TrainSetup:
+def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None,
+          abstract: bool = False) -> TrainSetup:
+  """abstract: state and frozen are ShapeDtypeStructs with their shardings and nothing is
+  allocated or compiled; the steps can then be lowered and compiled ahead of time (what
+  tools/plan.py measures)."""
   mesh = mesh or parallel.make_mesh()
   task = tasks.make_task(config)
-  is_trainable, (graphdef, trainable, frozen) = create_model(config, mesh)
+  is_trainable, (graphdef, trainable, frozen) = create_model(config, mesh, abstract)
   tx = optim.make_optimizer(config)
   init = init_fn(config, tx)
   abstract_state = jax.eval_shape(init, trainable)
@@ -231,7 +236,7 @@ def build(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = No
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, shardings)
   init_state = jax.jit(init, out_shardings=shardings)
-  state = init_state(trainable)
+  state = abstract_state if abstract else init_state(trainable)
   augment = transforms.AugmentConfig() if config.data.augment else None
   train_step = jax.jit(make_train_step(graphdef, optim.make_update(config, tx), task.loss,
                                        config.seed, augment,

@@ -498,23 +498,13 @@ def bench_memory(s: Settings, mano_dir: str) -> dict[str, Any]:
 def compile_time(s: Settings, depth: int, n_unfrozen: int) -> dict[str, float]:
   """Trace+lower and compile seconds of the train step on abstract inputs (nothing allocated)."""
   import jax  # pylint: disable=import-outside-toplevel
-  from flax import nnx  # pylint: disable=import-outside-toplevel
 
-  from dd_jax import optim, tasks, train_state  # pylint: disable=import-outside-toplevel
-  from dd_jax.models import deltadorsal  # pylint: disable=import-outside-toplevel
+  from dd_jax import train_state  # pylint: disable=import-outside-toplevel
   config = pose_config(s, depth=depth, n_unfrozen=n_unfrozen)
-  task = tasks.make_task(config)
-  model = nnx.eval_shape(lambda: deltadorsal.build_model(config, rngs=nnx.Rngs(0)))
-  graphdef, trainable, frozen = nnx.split(
-      model, optim.trainable_filter(depth, n_unfrozen), ...)
-  tx = optim.make_optimizer(config)
-  state = jax.eval_shape(train_state.init_fn(config, tx), trainable)
+  setup = train_state.build(config, one_device_mesh(), abstract=True)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), host_batch(s))
-  step = jax.jit(train_state.make_train_step(graphdef, optim.make_update(config, tx), task.loss,
-                                             config.seed),
-                 donate_argnums=(0,))
   start = time.perf_counter()
-  lowered = step.lower(state, frozen, batch, task.consts)
+  lowered = setup.train_step.lower(setup.state, setup.frozen, batch, setup.task.consts)
   traced = time.perf_counter()
   lowered.compile()
   return {"depth": depth, "n_unfrozen": n_unfrozen, "frozen_blocks": depth - n_unfrozen,

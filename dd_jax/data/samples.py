@@ -93,17 +93,7 @@ class SampleReader:
                               self.index.trials[frame.trial_id].p_id)
 
   def placeholder(self, frame_id: int, error: str = "", p_id: int = -1) -> dict[str, Any]:
-    """A masked sample (padding or a skipped bad frame): zero images, valid=False."""
-    sample = {"img": np.zeros((2, 2, 3), np.uint8), "base_img": np.zeros((2, 2, 3), np.uint8),
-              "hamer_pose": np.zeros(45, np.float32), "hamer_shape": np.zeros(10, np.float32),
-              "frame_id": np.int64(frame_id), "p_id": np.int32(p_id), "valid": np.bool_(False),
-              "load_error": _encode_error(error)}
-    if self.options.task == "pose":
-      sample["gt_pose"] = np.zeros(45, np.float32)
-      sample["prior_kp2d"] = np.full((21, 2), np.nan, np.float32)
-    else:
-      sample.update(tap_label=np.int32(0), force=np.zeros(5, np.float32), fsr=np.float32(0))
-    return sample
+    return placeholder(self.options.task, frame_id, error, p_id)
 
   def _read(self, frame: Frame, rng: np.random.Generator | None) -> dict[str, Any]:
     trial = self.index.trials[frame.trial_id]
@@ -183,6 +173,31 @@ def online_crops(img: np.ndarray, base_img: np.ndarray, K: np.ndarray, frame: Fr
       _require(base_prior, "cam_t", base_name, fid))
   x0, _, y0, _ = alignment.box
   return img, base_img, alignment.frame_keypoints - (x0, y0)
+
+
+def placeholder(task: str, frame_id: int, error: str = "", p_id: int = -1) -> dict[str, Any]:
+  """A masked sample (padding or a skipped bad frame): zero images, valid=False."""
+  sample = {"img": np.zeros((2, 2, 3), np.uint8), "base_img": np.zeros((2, 2, 3), np.uint8),
+            "hamer_pose": np.zeros(45, np.float32), "hamer_shape": np.zeros(10, np.float32),
+            "frame_id": np.int64(frame_id), "p_id": np.int32(p_id), "valid": np.bool_(False),
+            "load_error": _encode_error(error)}
+  if task == "pose":
+    sample["gt_pose"] = np.zeros(45, np.float32)
+    sample["prior_kp2d"] = np.full((21, 2), np.nan, np.float32)
+  else:
+    sample.update(tap_label=np.int32(0), force=np.zeros(5, np.float32), fsr=np.float32(0))
+  return sample
+
+
+def batch_shapes(task: str, batch_size: int, image_size: int, uint8_images: bool
+                 ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{key: (shape, dtype)} of the batches the loaders hand the steps (load_error stripped):
+  images (B, S, S, 3), uint8 with data.augment_on_device, else float32 model inputs."""
+  shapes = {k: ((batch_size, *np.shape(v)), np.asarray(v).dtype)
+            for k, v in placeholder(task, PADDING).items() if k != "load_error"}
+  image = ((batch_size, image_size, image_size, 3), np.dtype(np.uint8 if uint8_images
+                                                              else np.float32))
+  return dict(shapes, img=image, base_img=image)
 
 
 def _encode_error(message: str) -> np.ndarray:
