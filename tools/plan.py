@@ -36,19 +36,25 @@ from ml_collections import config_flags
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pose.py:vitl16.",
-                                lock_config=True)
-flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (the data axis).")
-flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB.")
-flags.DEFINE_float("usable", 0.9, "Fraction of a device's memory the run may use (on GPUs set "
-                   "XLA_PYTHON_CLIENT_MEM_FRACTION to it; JAX preallocates 0.75 by default).")
-flags.DEFINE_enum("backend", "cpu", ["cpu", "default"], "cpu: emulate --devices CPU devices; "
-                  "default: compile for this machine's accelerators.")
-flags.DEFINE_bool("full_depth", False, "Compile the whole backbone (slow for deep ones) instead "
-                  "of extrapolating from one and two frozen blocks.")
-flags.DEFINE_bool("measure", False, "Run the train step here on CPU and report peak memory.")
-flags.DEFINE_integer("steps", 3, "Train steps of --measure.")
-flags.DEFINE_string("json", None, "Also write the result here.")
+
+def _define_flags() -> None:
+  """Only when run as a program, so importing this module (tests do) defines no absl flags."""
+  config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/pose.py:vitl16.",
+                                  lock_config=True)
+  flags.DEFINE_integer("devices", 8, "Devices of the planned mesh (the data axis).")
+  flags.DEFINE_float("memory_gib", 80.0, "Memory of one device, GiB.")
+  flags.DEFINE_float("usable", 0.9, "Fraction of a device's memory the run may use (on GPUs set "
+                     "XLA_PYTHON_CLIENT_MEM_FRACTION to it; JAX preallocates 0.75 by default).")
+  flags.DEFINE_enum("backend", "cpu", ["cpu", "default"], "cpu: emulate --devices CPU devices; "
+                    "default: compile for this machine's accelerators.")
+  flags.DEFINE_bool("full_depth", False, "Compile the whole backbone (slow for deep ones) instead "
+                    "of extrapolating from one and two frozen blocks.")
+  flags.DEFINE_bool("measure", False, "Run the train step here on CPU and report peak memory.")
+  flags.DEFINE_integer("steps", 3, "Train steps of --measure.")
+  flags.DEFINE_string("json", None, "Also write the result here.")
+  flags.mark_flags_as_required(["config"])
+
+
 FLAGS = flags.FLAGS
 
 GIB = 2.0**30
@@ -353,5 +359,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+  _define_flags()
   app.run(main)
