@@ -240,7 +240,7 @@ def plan(e: Estimate, memory_bytes: float, usable: float = 0.9) -> dict[str, Any
                  if per_device % a == 0 and e.peak(per_device, a) <= budget]
       if fitting:
         advice.append(f"set --config.optimizer.accumulate_steps={fitting[0]} (needs "
-                      f"{e.peak(per_device, fitting[0]) / GIB:.1f} GiB per device)")
+                      f"{e.peak(per_device, fitting[0]) / GIB:.3g} GiB per device)")
       else:
         advice.append("no accumulation of this per-device batch fits: more devices, a smaller "
                       "batch" + ("" if config.mesh.fsdp else ", or --config.mesh.fsdp=True"))
@@ -271,8 +271,8 @@ def table(r: dict[str, Any]) -> str:
            f"{r['per_device_batch']} per device, accumulate {r['accumulate_steps']}, "
            f"fsdp {r['fsdp']}) | GiB |", "|---|---:|"]
   lines += [f"| {name} | {v / GIB:.2f} |" for name, v in rows]
-  lines.append(f"| **total** | **{b['total'] / GIB:.2f}** of {r['memory_gib']:.0f} "
-               f"(usable {r['usable'] * r['memory_gib']:.1f}) |")
+  lines.append(f"| **total** | **{b['total'] / GIB:.2f}** of {r['memory_gib']:g} "
+               f"(usable {r['usable'] * r['memory_gib']:.3g}) |")
   verdict = "fits" if r["fits"] else "does NOT fit"
   lines.append(f"\n{verdict}; largest per-device batch that fits: "
                f"{r['largest_per_device_batch']}")
