@@ -124,6 +124,67 @@ def test_augmented_batch_is_independent_of_the_sharding():
   assert not np.allclose(out[0], np.asarray(step(same, train_state.step_rng(42, 4))["img"])[0])
 
 
+_PROCESS = """
+import sys
+import jax, numpy as np
+sys.path.insert(0, sys.argv[4])
+from dd_jax import parallel, train_state
+from dd_jax.data import device_augment, transforms
+from test_device_augment import _uint8_batch
+
+out_dir, port, pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
+parallel.join_processes(f"127.0.0.1:{port}", 2, pid, False, 30)
+mesh = parallel.make_mesh()
+local = {k: v[4 * pid:4 * (pid + 1)] for k, v in _uint8_batch().items()}  # this host's loader
+step = jax.jit(lambda b, k: device_augment.model_inputs(
+    b, device_augment.image_keys(k, b["img"].shape[0]), transforms.AugmentConfig()))
+out = step(parallel.global_batch(mesh, local), train_state.step_rng(42, 3))
+rows = {}
+for name in ("img", "base_img"):
+  for shard in out[name].addressable_shards:
+    for offset, row in enumerate(np.asarray(shard.data)):
+      rows[f"{name}_{shard.index[0].start + offset}"] = row
+np.savez(f"{out_dir}/p{pid}.npz", **rows)
+"""
+
+
+@pytest.mark.multiprocess
+def test_augmented_batch_is_independent_of_the_process_count(tmp_path):
+  """2 processes x 2 devices, each feeding its half of the global batch (as each host's loader
+  does), augment every image exactly as one process with 8 devices does."""
+  import os  # pylint: disable=import-outside-toplevel
+  import socket  # pylint: disable=import-outside-toplevel
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+  tests = os.path.dirname(os.path.abspath(__file__))
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
+         "PYTHONPATH": os.path.dirname(tests)}
+  running = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path), str(port), str(i),
+                               tests], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outputs = [p.communicate(timeout=300)[0] for p in running]
+  for p, out in zip(running, outputs):
+    assert p.returncode == 0, out[-3000:]
+  rows = {}
+  for i in range(2):
+    with np.load(tmp_path / f"p{i}.npz") as f:
+      rows.update({k: f[k] for k in f.files})
+  local = _uint8_batch()
+  one = jax.jit(lambda b, k: device_augment.model_inputs(
+      b, device_augment.image_keys(k, b["img"].shape[0]), AugmentConfig()))(
+          parallel.global_batch(parallel.make_mesh(jax.devices()[:8]), local),
+          train_state.step_rng(42, 3))
+  for name in ("img", "base_img"):
+    want = np.asarray(one[name])
+    assert sorted(int(k.rsplit("_", 1)[1]) for k in rows if k.startswith(name + "_")) == \
+        list(range(8))
+    for i in range(8):
+      np.testing.assert_array_equal(rows[f"{name}_{i}"], want[i], err_msg=f"{name}[{i}]")
+
+
 def test_normalisation_only_equals_the_host_lookup_table():
   local = _uint8_batch()
   out = jax.tree.map(np.asarray, jax.jit(device_augment.model_inputs)(local))
