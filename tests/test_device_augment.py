@@ -127,7 +127,6 @@ def test_augmented_batch_is_independent_of_the_sharding():
 _PROCESS = """
 import sys
 import jax, numpy as np
-sys.path.insert(0, sys.argv[4])
 from dd_jax import parallel, train_state
 from dd_jax.data import device_augment, transforms
 from test_device_augment import _uint8_batch
@@ -152,22 +151,7 @@ np.savez(f"{out_dir}/p{pid}.npz", **rows)
 def test_augmented_batch_is_independent_of_the_process_count(tmp_path):
   """2 processes x 2 devices, each feeding its half of the global batch (as each host's loader
   does), augment every image exactly as one process with 8 devices does."""
-  import os  # pylint: disable=import-outside-toplevel
-  import socket  # pylint: disable=import-outside-toplevel
-  import subprocess  # pylint: disable=import-outside-toplevel
-  import sys  # pylint: disable=import-outside-toplevel
-  tests = os.path.dirname(os.path.abspath(__file__))
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2",
-         "PYTHONPATH": os.path.dirname(tests)}
-  running = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path), str(port), str(i),
-                               tests], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in running]
-  for p, out in zip(running, outputs):
-    assert p.returncode == 0, out[-3000:]
+  tiny.run_processes(_PROCESS, str(tmp_path))
   rows = {}
   for i in range(2):
     with np.load(tmp_path / f"p{i}.npz") as f:

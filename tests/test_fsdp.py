@@ -49,7 +49,8 @@ def _per_device_bytes(tree) -> dict[jax.Device, int]:
 
 def _step(fsdp: bool, devices):
   """(host copies of the trainable parameters and Adam moments after one step, the bytes each
-  device held of them before it, their total bytes)."""
+  device held of them before it, their total bytes, whether every large one was split over
+  all the devices)."""
   mesh = parallel.make_mesh(devices)
   if fsdp:  # checked on the abstract state first: replicated, it would need ~16 GB of host RAM
     planned = train_state.build(_config(fsdp), mesh, abstract=True).state

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -69,7 +68,7 @@ def make_priors(data_dir, weights, devices=1, extra=(), env=None, processes=1,
           f"--data_dir={data_dir}", f"--hamer={weights}", "--mano=synthetic",
           "--per_device_batch=2", *extra]
   running = []
-  port = _free_port()
+  port = tiny.free_port()
   for i in range(processes):
     flags = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}",
                                        f"--num_processes={processes}", f"--process_id={i}"]
@@ -79,12 +78,6 @@ def make_priors(data_dir, weights, devices=1, extra=(), env=None, processes=1,
                  **(env or {}))))
   outputs = [p.communicate(timeout=600)[0] for p in running]
   return [p.returncode for p in running], outputs
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

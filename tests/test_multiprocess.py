@@ -6,7 +6,6 @@ process that dies makes the other exit with an error instead of hanging.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,11 @@ import tiny
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(workdir, data_dir, processes, devices, extra=(), env_per_process=None):
   args = [sys.executable, "-m", "dd_jax.train", f"--config=tests/tiny_config.py:pose,{data_dir}",
           f"--workdir={workdir}", "--config.max_epochs=3", "--config.data.batch_size=8",
           "--config.data.eval_batch_size=8", *extra]
-  port = _free_port()
+  port = tiny.free_port()
   running = []
   for i in range(processes):
     env = dict(os.environ, JAX_NUM_CPU_DEVICES=str(devices), **(env_per_process or {}).get(i, {}))

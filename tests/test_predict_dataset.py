@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -64,7 +63,7 @@ def predict_set(data_dir, out, models, devices=1, processes=1, env=None,
   args = [sys.executable, *module, f"--checkpoint={models[1]}", f"--hamer_weights={models[0]}",
           f"--data_dir={data_dir}", f"--out={out}", "--image_size=32", "--per_device_batch=2",
           "--base_choice=random"]
-  port = _free_port()
+  port = tiny.free_port()
   running = []
   for i in range(processes):
     flags = [] if processes == 1 else [f"--coordinator_address=127.0.0.1:{port}",
@@ -76,12 +75,6 @@ def predict_set(data_dir, out, models, devices=1, processes=1, env=None,
                  **(env or {}))))
   outputs = [p.communicate(timeout=900)[0] for p in running]
   return [p.returncode for p in running], outputs
-
-
-def _free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _predictions(out):

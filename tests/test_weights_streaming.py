@@ -5,8 +5,6 @@ import collections
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -19,6 +17,8 @@ from transformers import DINOv3ViTConfig, DINOv3ViTModel
 from dd_jax import parallel
 from dd_jax import params as params_lib
 from dd_jax.models import dinov3, dinov3_weights
+
+import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIB = 1 << 20
@@ -165,20 +165,10 @@ print(json.dumps(dict(read=read, sizes=sizes, sharded=sharded)))
 def test_two_processes_each_read_only_their_half(tmp_path):
   """2 processes x 2 devices, FSDP over 4: each process reads from the converted folder only
   the half of each sharded array that its devices hold (and the shards it holds are right)."""
-  import socket  # pylint: disable=import-outside-toplevel
   config = dinov3.get_config("custom", dim=512, depth=1, num_heads=4, ffn="mlp", ffn_hidden=1024)
   source = dinov3.DinoV3(config, rngs=nnx.Rngs(0))
   dinov3_weights.save_converted(tmp_path / "w", config, nnx.to_pure_dict(nnx.state(source)))
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "PYTHONPATH": ROOT}
-  running = [subprocess.Popen([sys.executable, "-c", _PROCESS, str(tmp_path / "w"), str(port),
-                               str(i)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  outputs = [p.communicate(timeout=300)[0] for p in running]
-  for p, out in zip(running, outputs):
-    assert p.returncode == 0, out[-3000:]
+  outputs = tiny.run_processes(_PROCESS, str(tmp_path / "w"))
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
   sizes, sharded = results[0]["sizes"], results[0]["sharded"]
   assert "blocks.0.mlp.fc1.kernel" in sharded

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -154,3 +155,26 @@ def read_test_metrics(workdir):
   with open(path, encoding="utf-8") as f:
     return path, json.load(f)
 
+
+def free_port() -> int:
+  """A free local TCP port for a jax.distributed coordinator."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def run_processes(script: str, *args: str, processes: int = 2, devices: int = 2) -> list[str]:
+  """Runs `python -c script ARGS PORT INDEX` as `processes` local jax.distributed processes of
+  `devices` CPU devices each (the repository and tests/ importable); returns their outputs once
+  all succeeded."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": str(devices),
+         "PYTHONPATH": os.pathsep.join([os.path.dirname(tests), tests])}
+  port = str(free_port())
+  running = [subprocess.Popen([sys.executable, "-c", script, *args, port, str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(processes)]
+  outputs = [p.communicate(timeout=300)[0] for p in running]
+  for p, out in zip(running, outputs):
+    assert p.returncode == 0, out[-3000:]
+  return outputs
